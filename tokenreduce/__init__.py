@@ -1,0 +1,17 @@
+"""tokenreduce: training-free token reduction for Hugging Face video and image LLMs.
+
+    model = tokenreduce.patch(model, "framefusion", retention=0.3)
+    model.generate(**inputs)
+    tokenreduce.stats(model)
+    tokenreduce.unpatch(model)
+"""
+
+from .api import is_patched, patch, stats, unpatch
+from .engine import Stats
+from .methods import FastV, FrameFusion, Method, methods
+from .models import supported_classes
+
+__version__ = "0.1.0"
+
+__all__ = ["FastV", "FrameFusion", "Method", "Stats", "is_patched", "methods", "patch", "stats",
+           "supported_classes", "unpatch"]

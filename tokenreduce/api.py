@@ -1,0 +1,55 @@
+"""patch / unpatch / stats: validate options, pick the adapter, install the engine, undo it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .engine import HFEngine, Stats
+from .methods import Method, make_method
+from .models import adapter_for
+
+_ATTR = "_tokenreduce_engine"
+
+
+def patch(model: nn.Module, method: str | Method, **options) -> nn.Module:
+    """Install ``method`` on ``model`` in place and return the model.
+
+    ``method`` is a registered name (see :func:`methods`) with its options as keyword arguments,
+    or a method object such as ``FrameFusion(retention=0.3)``. Patching a patched model replaces
+    the previous patch. Raises TypeError for unsupported models or unknown options and
+    ValueError for values out of range.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
+    adapter = adapter_for(model)
+    method = make_method(method, **options)
+    if is_patched(model):
+        unpatch(model)
+    engine = HFEngine(model, adapter, method)
+    engine.install()
+    setattr(model, _ATTR, engine)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove tokenreduce from ``model``: every hook, the attention wrapper, the engine."""
+    engine = getattr(model, _ATTR, None)
+    if engine is None:
+        raise ValueError("this model is not patched by tokenreduce")
+    engine.remove()
+    delattr(model, _ATTR)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def stats(model: nn.Module) -> Stats:
+    """What the last prefill of a patched model did (see :class:`Stats`)."""
+    engine = getattr(model, _ATTR, None)
+    if engine is None:
+        raise ValueError("this model is not patched by tokenreduce; call tokenreduce.patch first")
+    if engine.record is None:
+        raise RuntimeError("no forward pass has run since tokenreduce.patch")
+    return engine.record.stats()

@@ -1,0 +1,46 @@
+"""An attention function that observes post-RoPE queries and keys, then defers to the real one.
+
+Registered through transformers' ``AttentionInterface`` under ``tokenreduce_<backend>`` (with the
+backend's own mask function), so the model keeps SDPA / eager / flash attention unchanged and
+importance scores come from the very queries and keys the layer computes.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "tokenreduce_"
+
+
+def _backend(module: nn.Module, original: str):
+    if original == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[original]
+
+
+def wrapped_attention(original: str) -> str:
+    """Register (once) and return the name of the observing wrapper around backend ``original``."""
+    if original is None or original.startswith(PREFIX):
+        raise ValueError(f"cannot wrap attention implementation {original!r}")
+    if original != "eager" and original not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"unknown attention implementation {original!r}")
+    name = PREFIX + original
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any):
+        engine = getattr(module, "_tokenreduce_engine", None)
+        if engine is not None:
+            engine.observe_attention(module, query, key, kwargs)
+        return _backend(module, original)(module, query, key, value, attention_mask, **kwargs)
+
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name

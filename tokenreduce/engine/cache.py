@@ -1,0 +1,75 @@
+"""A DynamicLayer that stores fewer rows than the prompt had but reports the prompt's length."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class ReducedDynamicLayer(DynamicLayer):
+    """Cache layer of an LLM layer that processed a reduced prompt.
+
+    It holds the kept rows physically and remembers each row's original (logical) position in
+    ``positions`` ``[B, L_phys]`` (-1 for padding rows of ragged batches). ``get_seq_length``
+    reports the logical length, so ``cache_position``, generated tokens' RoPE positions and the
+    model's mask sizes continue from the original prompt length exactly as in the dense model;
+    the engine maps the mask onto ``positions`` for this layer. Installed by swapping the class
+    of a plain ``DynamicLayer`` in place.
+    """
+
+    positions: torch.Tensor | None
+    logical_length: int
+    pending: tuple[torch.Tensor, int] | None
+
+    @classmethod
+    def adopt(cls, layer: DynamicLayer) -> ReducedDynamicLayer:
+        if type(layer) is not DynamicLayer:
+            raise ValueError(f"tokenreduce reduces the KV cache of DynamicCache layers only; got "
+                             f"{type(layer).__name__}. Use the default cache (no cache_implementation).")
+        layer.__class__ = cls
+        layer.positions, layer.pending = None, None
+        layer.logical_length = DynamicLayer.get_seq_length(layer)
+        return layer
+
+    def expect(self, positions: torch.Tensor, logical: int) -> None:
+        """The next update stores rows at these logical ``positions`` and advances by ``logical``."""
+        self.pending = (positions, logical)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.pending is None:
+            new = torch.arange(self.logical_length, self.logical_length + n, device=key_states.device)
+            new, advance = new.expand(key_states.shape[0], -1), n
+        else:
+            (new, advance), self.pending = self.pending, None
+        self.positions = new if self.positions is None else torch.cat([self.positions, new.to(self.positions)], 1)
+        self.logical_length += advance
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions, self.pending, self.logical_length = None, None, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self.positions is not None:
+            self.positions = self.positions[:, :tokens_to_remove]
+            self.logical_length += tokens_to_remove
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))

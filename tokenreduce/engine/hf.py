@@ -1,0 +1,247 @@
+"""Applies a method's Selections inside an unmodified Hugging Face forward.
+
+Hooks (all scoped to one model instance and removed by ``unpatch``):
+- a forward pre-hook on the multimodal base model builds the prompt's TokenLayout;
+- a forward pre-hook on every LLM decoder layer runs the method before the layers it acts on,
+  merges and compacts the hidden states, and hands the layer its rows' slices of the position
+  embeddings (1-D RoPE or 3-D M-RoPE, so kept tokens keep their original positions), of the
+  position ids and of the attention mask;
+- an attention function (transformers' AttentionInterface) observing post-RoPE q/k for the
+  layers whose importance a method needs;
+- reduced layers' cache entries live in ReducedDynamicLayer, which reports the original length.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layout import PAD, TokenLayout
+from ..methods.base import Method, Step
+from ..models import ModelAdapter
+from ..ops import compaction_index, last_query_importance, take_rows, weighted_merge
+from .attention import wrapped_attention
+from .cache import ReducedDynamicLayer
+from .masks import select_mask
+from .stats import Record
+from .timer import Timer
+
+
+class ForwardState:
+    """The current rows of one prefill: original index (-1 = padding), size, version."""
+
+    def __init__(self, layout: TokenLayout) -> None:
+        self.layout = layout
+        length = layout.shape[1]
+        ar = torch.arange(length, device=layout.kind.device).expand(layout.shape[0], -1)
+        self.rows = torch.where(layout.valid, ar, -1)
+        self.size = torch.ones(layout.shape, dtype=torch.float32, device=layout.kind.device)
+        self.version = 0
+        self.memo: dict[str, Any] = {}
+        self.importance: tuple[int, torch.Tensor] | None = None
+        self.slices: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self.visual_in = layout.visual_counts()
+        self.max_frames = int(layout.frame.max()) + 1 if layout.frame.numel() else 1
+        self.reducing = bool(self.visual_in.any())
+
+    def cached(self, kind: str, obj: Any, make) -> Any:
+        """``make(obj)``, computed once per rows version and source object."""
+        hit = self.slices.get((kind, id(obj)))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        out = make(obj)
+        self.slices[(kind, id(obj))] = (obj, out)
+        return out
+
+    def set_rows(self, rows: torch.Tensor, size: torch.Tensor) -> None:
+        self.rows, self.size = rows, size
+        self.version += 1
+        self.slices.clear()
+
+    def current(self, field: str) -> torch.Tensor:
+        src = getattr(self.layout, field)
+        out = src.gather(1, self.rows.clamp(min=0))
+        return torch.where(self.rows >= 0, out, PAD if field == "kind" else -1)
+
+    def query_rows(self, n: int) -> torch.Tensor:
+        """The last ``n`` valid rows of each sample ``[B, n]`` (the question's tokens)."""
+        ar = torch.arange(self.rows.shape[1], device=self.rows.device)
+        score = torch.where(self.rows >= 0, ar, -1)
+        top = score.topk(min(n, score.shape[1]), dim=1).values.sort(dim=1).values
+        return torch.where(top >= 0, top, top.max(dim=1, keepdim=True).values).clamp(min=0)
+
+
+def _cache_of(kwargs: dict[str, Any]):
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _cache_layer(cache, idx: int):
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ValueError(f"tokenreduce needs a transformers Cache with per-layer storage; got {type(cache).__name__}")
+    while len(layers) <= idx:
+        if getattr(cache, "layer_class_to_replicate", None) is None:
+            raise ValueError("tokenreduce: the cache has no layer for layer "
+                             f"{idx} and cannot create one ({type(cache).__name__})")
+        layers.append(cache.layer_class_to_replicate())
+    return layers[idx]
+
+
+class HFEngine:
+    """One method installed on one model; ``remove()`` undoes everything."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, method: Method) -> None:
+        self.model, self.adapter, self.method = model, adapter, method
+        self.layers = adapter.layers(model)
+        self.num_layers = len(self.layers)
+        method.check_model(self.num_layers)
+        self.act = method.act_layers(self.num_layers)
+        self.score = method.score_layers(self.num_layers)
+        self.text_config = self.layers[0].self_attn.config
+        self.original_attention = self.text_config._attn_implementation
+        self.state: ForwardState | None = None
+        self.record: Record | None = None
+        self.timer: Timer | None = None
+        self.handles: list[Any] = []
+
+    # installation ---------------------------------------------------------------------------
+    def install(self) -> None:
+        base = self.adapter.base_model(self.model)
+        self.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(partial(self._on_layer, i), with_kwargs=True))
+            layer.self_attn._tokenreduce_engine = self
+        if self.score:
+            self.text_config._attn_implementation = wrapped_attention(self.original_attention)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for layer in self.layers:
+            if getattr(layer.self_attn, "_tokenreduce_engine", None) is self:
+                del layer.self_attn._tokenreduce_engine
+        self.text_config._attn_implementation = self.original_attention
+        self.state = None
+
+    # hooks -----------------------------------------------------------------------------------
+    def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        cache = _cache_of(kwargs)
+        if cache is not None and cache.get_seq_length() > 0:
+            self.state = None
+            if self.record is not None:
+                self.record.decode_steps += 1
+            return
+        if args and "input_ids" not in kwargs:
+            kwargs = {**kwargs, "input_ids": args[0]}
+        layout = self.adapter.build_layout(self.model, kwargs)
+        if layout is None:
+            self.state = None
+            return
+        self.state = ForwardState(layout)
+        self.timer = Timer(layout.kind.device)
+        self.record = Record(self.method.name, layout, self.num_layers, self.timer)
+
+    def _on_layer(self, idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = _cache_of(kwargs)
+        st = self.state
+        if st is None:  # decoding (or a chunk after the prompt): map masks onto reduced caches
+            if cache is None or not isinstance(_cache_layer(cache, idx), ReducedDynamicLayer):
+                return None
+            kwargs["attention_mask"] = self._continuation_mask(_cache_layer(cache, idx), kwargs, hidden)
+            return args, kwargs
+        if st.reducing and idx in self.act:
+            with self.timer:
+                hidden = self._reduce(idx, hidden)
+        self.record.rows[idx] = st.rows
+        if st.version == 0:  # nothing reduced yet: the layer runs exactly as in the dense model
+            return None
+        with self.timer:
+            self._slice_kwargs(kwargs)
+            if cache is not None:
+                layer = _cache_layer(cache, idx)
+                if not isinstance(layer, ReducedDynamicLayer):
+                    layer = ReducedDynamicLayer.adopt(layer)
+                layer.expect(st.rows, st.layout.shape[1])
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def observe_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          kwargs: dict[str, Any]) -> None:
+        st = self.state
+        if st is None or not st.reducing or module.layer_idx not in self.score:
+            return
+        if key.shape[2] != st.rows.shape[1]:
+            return
+        with self.timer:
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            q_index = st.query_rows(self.method.n_queries).to(query.device)
+            scores = last_query_importance(query, key, q_index, (st.rows >= 0).to(key.device), scaling)
+            st.importance = (st.version, scores.to(st.rows.device))
+
+    # work ------------------------------------------------------------------------------------
+    def _reduce(self, idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        importance = st.importance[1] if st.importance and st.importance[0] == st.version else None
+        step = Step(layer=idx, num_layers=self.num_layers, hidden=hidden, rows=st.rows, size=st.size,
+                    kind=st.current("kind"), item=st.current("item"), frame=st.current("frame"),
+                    cell=st.current("cell"), importance=importance, visual_in=st.visual_in,
+                    max_frames=st.max_frames, memo=st.memo)
+        selection = self.method.reduce(step)
+        if selection is None:
+            return hidden
+        rows_ar = step.row_index()
+        dest = torch.where(st.rows >= 0, selection.dest.to(st.rows.device), -1)
+        keep = dest == rows_ar
+        merged = (dest >= 0) & ~keep
+        if not bool(merged.any()) and bool((keep == (st.rows >= 0)).all()):
+            return hidden
+        size = st.size
+        if bool(merged.any()):
+            hidden, size = weighted_merge(hidden, size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device))
+        index, valid = compaction_index(keep)
+        rows = torch.where(valid, st.rows.gather(1, index), -1)
+        st.set_rows(rows, size.gather(1, index.to(size.device)))
+        return take_rows(hidden, index.to(hidden.device), 1)
+
+    def _slice_kwargs(self, kwargs: dict[str, Any]) -> None:
+        st = self.state
+        index = st.rows.clamp(min=0)
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            kwargs["position_embeddings"] = st.cached(
+                "pe", pe, lambda p: tuple(take_rows(t, index.to(t.device), -2) for t in p))
+        pid = kwargs.get("position_ids")
+        if pid is not None:
+            kwargs["position_ids"] = st.cached("pid", pid, lambda p: take_rows(p, index.to(p.device), -1))
+        mask = kwargs.get("attention_mask")
+        if mask is None or isinstance(mask, torch.Tensor):
+            kwargs["attention_mask"] = st.cached("mask", mask, self._prefill_mask)
+        else:
+            raise ValueError(f"tokenreduce cannot reduce with attention masks of type {type(mask).__name__}; "
+                             "use attn_implementation='sdpa' or 'eager'")
+
+    def _prefill_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        st = self.state
+        dev = mask.device if mask is not None else st.rows.device
+        rows = st.rows.to(dev)
+        out = select_mask(mask, rows.clamp(min=0), rows >= 0, rows, past=0)
+        if out is not None and self.text_config._attn_implementation.startswith("tokenreduce_flash"):
+            raise ValueError("tokenreduce: a padded or ragged batch needs attn_implementation='sdpa' or 'eager'")
+        return out
+
+    def _continuation_mask(self, layer: ReducedDynamicLayer, kwargs: dict[str, Any], hidden: torch.Tensor):
+        mask = kwargs.get("attention_mask")
+        bsz, q_len = hidden.shape[:2]
+        dev = mask.device if isinstance(mask, torch.Tensor) else hidden.device
+        past = layer.logical_length
+        new = torch.arange(past, past + q_len, device=dev).expand(bsz, -1)
+        k_pos = torch.cat([layer.positions.to(dev), new], dim=1)
+        q_idx = torch.arange(q_len, device=dev).expand(bsz, -1)
+        return select_mask(mask, q_idx, torch.ones_like(q_idx, dtype=torch.bool), k_pos, past)

@@ -1,0 +1,120 @@
+"""The method interface: a dataclass of options that turns a Step into a Selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ..layout import IMAGE
+
+
+@dataclass
+class Step:
+    """What a method sees before LLM layer ``layer``: the current rows of the batch.
+
+    ``rows`` are original sequence indices (-1 = padding row); ``size`` is how many original
+    tokens each row stands for; ``kind``/``item``/``frame``/``cell`` describe the current rows
+    (the layout gathered at ``rows``); ``importance`` ``[B, L]`` is the attention the last query
+    rows paid to each current row in the previous layer (None unless the method asked for it);
+    ``visual_in`` ``[B]`` counts each sample's visual tokens before any reduction; ``memo`` keeps
+    a method's per-forward state between layers.
+    """
+
+    layer: int
+    num_layers: int
+    hidden: torch.Tensor
+    rows: torch.Tensor
+    size: torch.Tensor
+    kind: torch.Tensor
+    item: torch.Tensor
+    frame: torch.Tensor
+    cell: torch.Tensor
+    importance: torch.Tensor | None
+    visual_in: torch.Tensor
+    max_frames: int
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.rows >= 0
+
+    @property
+    def visual(self) -> torch.Tensor:
+        return (self.kind >= IMAGE) & self.valid
+
+    def row_index(self) -> torch.Tensor:
+        return torch.arange(self.rows.shape[1], device=self.rows.device).expand_as(self.rows)
+
+
+@dataclass
+class Selection:
+    """``dest`` ``[B, L]``: each current row's fate. ``dest == row`` keeps it, another row index
+    merges it (size-weighted) into that row, ``-1`` drops it."""
+
+    dest: torch.Tensor
+
+    @classmethod
+    def keep(cls, keep: torch.Tensor) -> Selection:
+        rows = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        return cls(torch.where(keep, rows, -1))
+
+
+@dataclass
+class Method:
+    """Base of all methods. Subclasses are dataclasses whose fields are the options.
+
+    ``act_layers`` are the LLM layers before which :meth:`reduce` runs; ``score_layers`` the
+    layers whose attention must yield importance scores (used before the next layer);
+    ``n_queries`` how many last rows the importance is taken from.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on options out of range."""
+
+    @property
+    def n_queries(self) -> int:
+        return 1
+
+    def act_layers(self, num_layers: int) -> set[int]:
+        raise NotImplementedError
+
+    def score_layers(self, num_layers: int) -> set[int]:
+        return set()
+
+    def check_model(self, num_layers: int) -> None:
+        """Raise ValueError if the options do not fit a model with ``num_layers`` LLM layers."""
+
+    def reduce(self, step: Step) -> Selection | None:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_fraction(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def check_layer(name: str, value: int, minimum: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def budget(retention: float, visual_in: torch.Tensor) -> torch.Tensor:
+    """Visual tokens to keep per sample: ``ceil(retention * n)`` (so retention 1.0 keeps all)."""
+    return torch.ceil(visual_in.double() * retention - 1e-9).long().clamp(min=0) if retention < 1 else visual_in
+
+
+__all__ = ["Method", "Selection", "Step", "budget", "check_fraction", "check_layer"]

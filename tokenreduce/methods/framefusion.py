@@ -1,0 +1,129 @@
+"""FrameFusion (Fu et al., 2024, arXiv 2501.01986): similarity merging of adjacent frames, then
+importance pruning, inside the LLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..ops import adjacent_cosine, fold_into_heads, same_cell_predecessor, topk_mask
+from .base import Method, Selection, Step, budget, check_fraction, check_layer
+
+
+@dataclass
+class FrameFusion(Method):
+    """Merge each video token into the token at the same spatial cell of the previous frame when
+    their hidden states' cosine similarity is at least ``similarity_threshold``; do it before
+    LLM layer 0 (on the embeddings) and again before each following layer, cascading, until the
+    fraction of mergeable visual tokens falls under ``ratio_lower_bound`` (or ``merge_layers``
+    layers have merged). Then prune once, by the attention the last ``last_queries`` rows paid
+    in the layer just run, down to the budget. If merging alone would pass the budget, only the
+    most similar pairs are merged and pruning is skipped (as the paper does).
+
+    Budget: ``retention`` (fraction of visual tokens kept after merging and pruning, default
+    0.3), or the paper's ``cost`` (visual rows summed over all layers, relative to dense; the
+    budget is recomputed from the model's real depth, where the official code assumes 28 layers).
+    ``similarity_lower_bound`` is the paper's name for ``similarity_threshold``.
+
+    Deviations from the official code, all deliberate: a merged token is the size-weighted mean
+    of its members and sizes carry over across layers (official: unweighted, sizes forgotten);
+    merging acts between layers rather than between a layer's attention and its MLP; batches of
+    any size (official: batch 1); images (a single frame) are only pruned.
+    """
+
+    name: ClassVar[str] = "framefusion"
+    description: ClassVar[str] = "merge similar tokens of adjacent frames, then prune by importance (FrameFusion)"
+    stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
+
+    retention: float | None = None
+    cost: float | None = None
+    similarity_threshold: float = 0.6
+    similarity_lower_bound: float | None = None
+    ratio_lower_bound: float = 0.1
+    merge_layers: int = 3
+    last_queries: int = 4
+
+    def validate(self) -> None:
+        if self.retention is not None and self.cost is not None:
+            raise ValueError("framefusion: give either retention or cost, not both")
+        if self.retention is None and self.cost is None:
+            self.retention = 0.3
+        check_fraction("retention", self.retention, allow_none=True)
+        check_fraction("cost", self.cost, allow_none=True)
+        if self.similarity_lower_bound is not None:
+            if self.similarity_threshold not in (0.6, self.similarity_lower_bound):
+                raise ValueError("framefusion: similarity_lower_bound is an alias of similarity_threshold; "
+                                 "give one of them")
+            self.similarity_threshold = self.similarity_lower_bound
+        if not -1 <= self.similarity_threshold <= 1:
+            raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold!r}")
+        if not 0 <= self.ratio_lower_bound <= 1:
+            raise ValueError(f"ratio_lower_bound must be in [0, 1], got {self.ratio_lower_bound!r}")
+        check_layer("merge_layers", self.merge_layers, minimum=1)
+        check_layer("last_queries", self.last_queries, minimum=1)
+
+    @property
+    def n_queries(self) -> int:
+        return self.last_queries
+
+    def check_model(self, num_layers: int) -> None:
+        if self.merge_layers >= num_layers:
+            raise ValueError(f"framefusion: merge_layers={self.merge_layers} but the model has {num_layers} "
+                             f"LLM layers; pruning needs a layer after merging (merge_layers <= {num_layers - 1})")
+
+    def act_layers(self, num_layers: int) -> set[int]:
+        return set(range(self.merge_layers + 1))
+
+    def score_layers(self, num_layers: int) -> set[int]:
+        return set(range(self.merge_layers))
+
+    def _target(self, step: Step, n_visual: torch.Tensor) -> torch.Tensor:
+        """Visual rows each sample may keep from this layer on."""
+        if self.retention is not None:
+            return budget(self.retention, step.visual_in)
+        total = self.cost * step.num_layers * step.visual_in.double()
+        left = (total - step.memo["used"]) / (step.num_layers - step.layer)
+        return torch.minimum(left.floor().long().clamp(min=0), n_visual)
+
+    def reduce(self, step: Step) -> Selection | None:
+        memo, visual = step.memo, step.visual
+        if not memo:
+            memo.update(active=step.visual_in > 0, pending=torch.zeros_like(step.visual_in, dtype=torch.bool),
+                        used=torch.zeros_like(step.visual_in, dtype=torch.float64))
+        rows = step.row_index()
+        n_visual = visual.sum(dim=1)
+        target = self._target(step, n_visual)
+        dest = rows
+        if bool(memo["pending"].any()):  # prune samples whose merging stopped in the previous layer
+            pending = visual & memo["pending"][:, None]
+            keep = topk_mask(step.importance, pending, target)
+            dest = torch.where(pending & ~keep, -1, dest)
+            memo["pending"] = torch.zeros_like(memo["pending"])
+        if step.layer < self.merge_layers and bool(memo["active"].any()):
+            merge, fold = self._merge(step, target, n_visual)
+            dest = torch.where(merge, fold, dest)
+        kept = ((dest == rows) & visual).sum(dim=1)
+        memo["used"] = memo["used"] + kept
+        return Selection(dest)
+
+    def _merge(self, step: Step, target: torch.Tensor, n_visual: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's merges: which rows fold away, and the run head each row folds into."""
+        memo = step.memo
+        active = memo["active"]
+        span = int(step.cell.max().clamp(min=0)) + 1
+        candidate = step.visual & (step.frame >= 0) & active[:, None]
+        pred = same_cell_predecessor(torch.where(candidate, step.item * span + step.cell, -1))
+        sim = adjacent_cosine(step.hidden, pred)
+        mergeable = candidate & (pred >= 0) & (sim >= self.similarity_threshold)
+        n_merge = mergeable.sum(dim=1)
+        stop = active & (n_merge < self.ratio_lower_bound * n_visual.clamp(min=1))
+        go = active & ~stop
+        allowed = torch.where(go, (n_visual - target).clamp(min=0), 0)
+        merge = topk_mask(sim, mergeable, allowed)
+        left = n_visual - merge.sum(dim=1)
+        memo["active"] = go & (n_merge < allowed) & (step.layer + 1 < self.merge_layers)
+        memo["pending"] = (stop | (go & ~memo["active"] & (n_merge < allowed))) & (left > target)
+        return merge, fold_into_heads(pred, merge, step.max_frames)

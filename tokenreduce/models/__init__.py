@@ -1,0 +1,28 @@
+"""Model adapters, one per Hugging Face model family, and the lookup from a model to its adapter."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ItemSpec, ModelAdapter
+from .llava import LlavaVideoAdapter
+from .qwen_vl import QwenVLAdapter
+
+ADAPTERS: tuple[ModelAdapter, ...] = (QwenVLAdapter(), LlavaVideoAdapter())
+
+
+def supported_classes() -> list[str]:
+    return [c for a in ADAPTERS for c in a.classes]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s class; TypeError naming the supported classes otherwise."""
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.classes:
+            return adapter
+    raise TypeError(f"tokenreduce does not support {name}; supported model classes: "
+                    f"{', '.join(supported_classes())}")
+
+
+__all__ = ["ADAPTERS", "ItemSpec", "ModelAdapter", "adapter_for", "supported_classes"]

@@ -1,0 +1,120 @@
+"""ModelAdapter: what the engine needs to know about one Hugging Face model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """One image or video as the LLM sees it: ``frames`` x ``grid_h`` x ``grid_w`` tokens plus
+    ``extra`` trailing tokens that belong to no frame (LLaVA-OneVision's video newline)."""
+
+    kind: int
+    frames: int
+    grid_h: int
+    grid_w: int
+    extra: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames * self.grid_h * self.grid_w + self.extra
+
+
+class ModelAdapter:
+    """Where a family keeps its LLM layers, which ids are visual and how its frames are laid out.
+
+    Subclasses name the transformers classes they support and implement :meth:`item_specs`.
+    """
+
+    name: str = ""
+    classes: tuple[str, ...] = ()
+    position_scheme: str = "1-D RoPE"
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The module whose forward receives ``input_ids`` and the pixel inputs."""
+        return model.model
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.language_model(model).layers
+
+    def token_ids(self, model: nn.Module) -> dict[int, int]:
+        cfg = model.config
+        return {IMAGE: cfg.image_token_id, VIDEO: cfg.video_token_id}
+
+    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[int]]]
+                   ) -> dict[int, list[list[ItemSpec]]]:
+        """Per kind, per sample, the spec of each contiguous run of visual tokens (in order)."""
+        raise NotImplementedError
+
+    def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> TokenLayout | None:
+        """The layout of the prompt in ``kwargs`` (the base model's forward arguments), or None
+        when the forward carries no ``input_ids`` (decoding from embeddings)."""
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+                raise ValueError("tokenreduce needs input_ids to locate visual tokens; got inputs_embeds "
+                                 "with pixel inputs. Pass input_ids instead of inputs_embeds.")
+            return None
+        ids = input_ids.detach().cpu()
+        mask = kwargs.get("attention_mask")
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None or mask.ndim != 2 else mask.cpu().bool()
+        kind = torch.where(valid, TEXT, PAD).to(torch.int8)
+        item = torch.full(ids.shape, -1, dtype=torch.long)
+        frame, cell = item.clone(), item.clone()
+        token_ids = self.token_ids(model)
+        runs = {k: [_runs(ids[b] == tid) for b in range(ids.shape[0])] for k, tid in token_ids.items()}
+        specs = self.item_specs(model, kwargs, runs)
+        grids: list[list[tuple[int, int, int, int]]] = [[] for _ in range(ids.shape[0])]
+        for b in range(ids.shape[0]):
+            placed = sorted((start, length, k, specs[k][b][j])
+                            for k in token_ids for j, (start, length) in enumerate(runs[k][b]))
+            for n_item, (start, length, k, spec) in enumerate(placed):
+                if spec.num_tokens != length:
+                    raise ValueError(
+                        f"{self.name}: sample {b} has a run of {length} visual tokens where the pixel inputs "
+                        f"imply {spec.num_tokens} ({spec}); input_ids and pixel inputs do not match")
+                per_frame = spec.grid_h * spec.grid_w
+                idx = torch.arange(length)
+                in_frame = idx < spec.frames * per_frame
+                sl = slice(start, start + length)
+                kind[b, sl] = k
+                item[b, sl] = n_item
+                frame[b, sl] = torch.where(in_frame, idx // per_frame, -1)
+                cell[b, sl] = torch.where(in_frame, idx % per_frame, -1)
+                grids[b].append((k, spec.frames, spec.grid_h, spec.grid_w))
+        dev = input_ids.device
+        return TokenLayout(kind=kind.to(dev), item=item.to(dev), frame=frame.to(dev), cell=cell.to(dev),
+                           grids=grids)
+
+
+def _runs(mask: torch.Tensor) -> list[list[int]]:
+    """[start, length] of each run of True in a 1-D bool tensor."""
+    if not bool(mask.any()):
+        return []
+    m = mask.to(torch.int8)
+    edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), m, torch.zeros(1, dtype=torch.int8)]))
+    starts = torch.nonzero(edges == 1).flatten()
+    ends = torch.nonzero(edges == -1).flatten()
+    return [[int(s), int(e - s)] for s, e in zip(starts, ends, strict=True)]
+
+
+def split_per_sample(runs: list[list[list[int]]], specs: list[ItemSpec], what: str) -> list[list[ItemSpec]]:
+    """Hand out batch-ordered item specs to the samples' runs, one spec per run, in order."""
+    out, pos = [], 0
+    for sample_runs in runs:
+        out.append(specs[pos:pos + len(sample_runs)])
+        pos += len(sample_runs)
+    if pos != len(specs):
+        raise ValueError(f"the prompt has {pos} runs of {what} tokens but the pixel inputs describe "
+                         f"{len(specs)} {what}s")
+    return out

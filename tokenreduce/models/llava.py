@@ -1,0 +1,42 @@
+"""LLaVA-OneVision and LLaVA-NeXT-Video: runs of placeholder tokens, frames from the pixel tensor, 1-D RoPE."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from ..layout import IMAGE, VIDEO
+from .base import ItemSpec, ModelAdapter
+
+
+class LlavaVideoAdapter(ModelAdapter):
+    """A video run holds ``frames * tokens_per_frame`` pooled patch tokens (plus, for OneVision,
+    one trailing ``image_newline`` token that belongs to no frame). Images (any-resolution tiles
+    with newline tokens) have no frame grid we rely on: an image is one frame of ``n`` tokens."""
+
+    name = "llava-video"
+    classes = ("LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
+
+    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]]
+                   ) -> dict[int, list[list[ItemSpec]]]:
+        extra = 1 if type(model).__name__.startswith("LlavaOnevision") else 0
+        pixels = kwargs.get("pixel_values_videos")
+        videos = []
+        for sample_runs in runs[VIDEO]:
+            specs = []
+            for _, length in sample_runs:
+                if pixels is None:
+                    raise ValueError("the prompt has video tokens but no pixel_values_videos were given")
+                frames = pixels.shape[1]
+                per_frame, rest = divmod(length - extra, frames)
+                if rest:
+                    raise ValueError(f"a run of {length} video tokens does not split into {frames} frames"
+                                     f"{' plus a newline token' if extra else ''}")
+                side = math.isqrt(per_frame)
+                gh, gw = (side, side) if side * side == per_frame else (1, per_frame)
+                specs.append(ItemSpec(VIDEO, frames, gh, gw, extra))
+            videos.append(specs)
+        images = [[ItemSpec(IMAGE, 1, 1, length) for _, length in sample_runs] for sample_runs in runs[IMAGE]]
+        return {IMAGE: images, VIDEO: videos}

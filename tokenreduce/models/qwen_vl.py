@@ -1,0 +1,31 @@
+"""Qwen2-VL and Qwen2.5-VL: visual runs described by ``image_grid_thw`` / ``video_grid_thw``, 3-D M-RoPE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..layout import IMAGE, VIDEO
+from .base import ItemSpec, ModelAdapter, split_per_sample
+
+
+class QwenVLAdapter(ModelAdapter):
+    """One LLM token per ``spatial_merge_size**2`` patches; a video frame is a temporal patch
+    (``temporal_patch_size`` input frames). Positions are Qwen's 3-D M-RoPE ``(t, h, w)``, built by
+    the model from the full prompt; the engine slices the resulting cos/sin per kept row."""
+
+    name = "qwen-vl"
+    classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    position_scheme = "3-D M-RoPE"
+
+    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]]
+                   ) -> dict[int, list[list[ItemSpec]]]:
+        merge = model.config.vision_config.spatial_merge_size
+        out = {}
+        for kind, key, what in ((IMAGE, "image_grid_thw", "image"), (VIDEO, "video_grid_thw", "video")):
+            grid = kwargs.get(key)
+            rows = [] if grid is None else grid.tolist()
+            specs = [ItemSpec(kind, t, h // merge, w // merge) for t, h, w in rows]
+            out[kind] = split_per_sample(runs[kind], specs, what)
+        return out

@@ -1,0 +1,38 @@
+"""Adjacent-frame similarity: each video token against the same spatial cell of the previous frame."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def same_cell_predecessor(group: torch.Tensor) -> torch.Tensor:
+    """Row index of the previous row of the same sample with the same ``group`` id, or -1.
+
+    ``group`` ``[B, L]`` holds a per-sample id of (item, cell) for candidate rows and -1 elsewhere.
+    Rows are in original order, so within an item the predecessor is the nearest earlier
+    remaining frame's token at the same cell. One stable sort, no loop over frames.
+    """
+    bsz, length = group.shape
+    if length == 0:
+        return group.clone()
+    span = int(group.max().clamp(min=0)) + 1 if group.numel() else 1
+    rows = torch.arange(length, device=group.device)
+    base = torch.arange(bsz, device=group.device)[:, None] * (span + length)
+    # non-candidates get ids of their own (span + row) so they never pair up
+    key = (base + torch.where(group >= 0, group, span + rows)).flatten()
+    order = torch.sort(key, stable=True).indices
+    same = torch.zeros_like(key, dtype=torch.bool)
+    same[1:] = key[order[1:]] == key[order[:-1]]
+    prev = torch.full_like(key, -1)
+    prev[1:] = order[:-1] % length
+    pred = torch.full_like(key, -1)
+    pred[order] = torch.where(same, prev, -1)
+    return pred.view(bsz, length)
+
+
+def adjacent_cosine(hidden: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``[B, L]`` (float32) of each row with its predecessor row; -inf without one."""
+    other = hidden.gather(1, pred.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+    cos = F.cosine_similarity(hidden.float(), other.float(), dim=-1)
+    return torch.where(pred >= 0, cos, float("-inf"))

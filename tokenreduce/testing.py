@@ -68,15 +68,15 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
         raise ValueError(f"unknown family {family!r}, expected one of {FAMILIES}")
     text = {**_TEXT, **overrides.pop("text_config", {})}
     hidden = text["hidden_size"]
-    qwen_vision = {"depth": 2, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    qwen_vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     if family.startswith("qwen"):
         half = hidden // text["num_attention_heads"] // 2  # rotary frequencies per head, split over (t, h, w)
         mrope = [half - 2 * ((half - half // 4) // 2)] + [(half - half // 4) // 2] * 2
-        text.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope})
-        ids = {"vision_start_token_id": VISION_START_ID, "vision_end_token_id": VISION_END_ID}
+        text.setdefault("rope_parameters", dict(rope_type="default", rope_theta=1e4, mrope_section=mrope))
+        ids = dict(vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID)
         ids.update(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID)
     else:
-        ids = {"image_token_index": IMAGE_ID, "video_token_index": VIDEO_ID, "image_grid_pinpoints": _PINPOINTS}
+        ids = dict(image_token_index=IMAGE_ID, video_token_index=VIDEO_ID, image_grid_pinpoints=_PINPOINTS)
     if family == "qwen2_vl":
         vision = {**qwen_vision, "embed_dim": 32, "hidden_size": hidden, "mlp_ratio": 2}
     elif family == "qwen2_5_vl":
@@ -88,9 +88,10 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
     else:
         text["model_type"] = "llama"
         vision = {**_LLAVA_TOWER, "model_type": "clip_vision_model", "projection_dim": 32}
-        side = _LLAVA_TOWER["image_size"] // _LLAVA_TOWER["patch_size"]
-        ids.update(image_seq_length=side**2, video_seq_length=(side // 2) ** 2)
     vision.update(overrides.pop("vision_config", {}))
+    if family == "llava_next_video":  # informational lengths, kept consistent with the tower
+        side, stride = vision["image_size"] // vision["patch_size"], overrides.get("spatial_pool_stride", 2)
+        ids.update(image_seq_length=side**2, video_seq_length=(side // stride) ** 2)
     return _CLASSES[family][0](text_config=text, vision_config=vision, **{**ids, **overrides})
 
 
@@ -115,7 +116,9 @@ def visual_token_ids(model: PreTrainedModel) -> tuple[int | None, int | None]:
     return getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None)
 
 
-def make_frames(num_frames: int = 8, size: int = FRAME_SIZE, *, seed: int = 0, static: bool = False) -> np.ndarray:
+def make_frames(
+    num_frames: int = 8, size: int = FRAME_SIZE, *, seed: int = 0, static: bool = False
+) -> np.ndarray:
     """uint8 ``[T, size, size, 3]`` video: a window panning across scikit-image's astronaut photograph.
 
     ``seed`` picks the pan path; ``static=True`` repeats the first frame, so every later frame is a duplicate.
@@ -134,9 +137,8 @@ def make_frames(num_frames: int = 8, size: int = FRAME_SIZE, *, seed: int = 0, s
     if static:
         path = path[:1].repeat(num_frames, axis=0)
     crops = [photo[y : y + window, x : x + window] for y, x in path]
-    return np.stack([resize(c, (size, size), anti_aliasing=True, preserve_range=True) for c in crops]).round().astype(
-        np.uint8
-    )
+    frames = [resize(crop, (size, size), anti_aliasing=True, preserve_range=True) for crop in crops]
+    return np.stack(frames).round().astype(np.uint8)
 
 
 def _anyres_tokens(config: PretrainedConfig, height: int, width: int) -> int:
@@ -150,7 +152,9 @@ def _anyres_tokens(config: PretrainedConfig, height: int, width: int) -> int:
     else:
         cur_w -= (cur_w - int(round(width * (cur_h / height), 7))) // 2 * 2
     if config.model_type == "llava_onevision":
-        ratio = math.sqrt(cur_h * cur_w / (int(config.vision_aspect_ratio.removeprefix("anyres_max_")) * side**2))
+        ratio = math.sqrt(
+            cur_h * cur_w / (int(config.vision_aspect_ratio.removeprefix("anyres_max_")) * side**2)
+        )
         if ratio > 1.1:
             cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
     return side * side + cur_h * (cur_w + 1)
@@ -161,9 +165,10 @@ def _pixels(config: PretrainedConfig, videos: list | None, images: list | None) 
     family, tower, is_video = config.model_type, config.vision_config, videos is not None
     if family.startswith("qwen"):
         kwargs = {"patch_size": tower.patch_size, "temporal_patch_size": tower.temporal_patch_size}
-        kwargs.update(merge_size=tower.spatial_merge_size, min_pixels=FRAME_SIZE**2, max_pixels=(4 * FRAME_SIZE) ** 2)
-        if is_video:
-            out = dict(Qwen2VLVideoProcessor(**kwargs, cap_pixels_per_frame=False)(videos, return_tensors="pt"))
+        kwargs.update(merge_size=tower.spatial_merge_size, min_pixels=FRAME_SIZE**2, max_pixels=224**2)
+        if is_video:  # cap_pixels_per_frame must be explicit, else transformers warns about a future default
+            processor = Qwen2VLVideoProcessor(**kwargs, cap_pixels_per_frame=False)
+            out = dict(processor(videos, return_tensors="pt"))
             grid = out["video_grid_thw"]
             if family == "qwen2_5_vl":
                 out["second_per_grid_ts"] = torch.full((len(videos),), tower.temporal_patch_size / VIDEO_FPS)
@@ -173,11 +178,12 @@ def _pixels(config: PretrainedConfig, videos: list | None, images: list | None) 
         return out, (grid.prod(-1) // tower.spatial_merge_size**2).tolist()
     side = tower.image_size // tower.patch_size
     square = {"height": tower.image_size, "width": tower.image_size}
+    shortest = {"shortest_edge": tower.image_size}
     if family == "llava_onevision" and is_video:
         out = dict(LlavaOnevisionVideoProcessor(size=square)(videos, return_tensors="pt"))
         per_frame, newline = math.ceil(side / 2) ** 2, 1
     elif is_video:
-        processor = LlavaNextVideoVideoProcessor(size={"shortest_edge": tower.image_size}, crop_size=square)
+        processor = LlavaNextVideoVideoProcessor(size=shortest, crop_size=square)
         out = dict(processor(videos, return_tensors="pt"))
         per_frame, newline = (side // config.spatial_pool_stride) ** 2, 0
     else:
@@ -185,7 +191,7 @@ def _pixels(config: PretrainedConfig, videos: list | None, images: list | None) 
         if family == "llava_onevision":
             processor = LlavaOnevisionImageProcessor(size=square, **grid)
         else:
-            processor = LlavaNextImageProcessor(size={"shortest_edge": tower.image_size}, crop_size=square, **grid)
+            processor = LlavaNextImageProcessor(size=shortest, crop_size=square, **grid)
         out = dict(processor(images, return_tensors="pt"))
         return out, [_anyres_tokens(config, h, w) for h, w in out["image_sizes"].tolist()]
     return out, [out["pixel_values_videos"].shape[1] * per_frame + newline] * len(videos)
@@ -218,20 +224,23 @@ def make_inputs(
     pixels, counts = _pixels(config, videos, images) if visuals is not None else ({}, [0] * batch)
 
     is_qwen = config.model_type.startswith("qwen")
-    token = VIDEO_ID if videos is not None else IMAGE_ID
-    specials = {PAD_ID, BOS_ID, EOS_ID, *visual_token_ids(model)}
+    image_id, video_id = visual_token_ids(model)
+    token = video_id if videos is not None else image_id
+    specials = {PAD_ID, BOS_ID, EOS_ID, image_id, video_id}
     if is_qwen:
         specials |= {config.vision_start_token_id, config.vision_end_token_id}
     vocab = torch.arange(config.text_config.vocab_size)
     allowed = vocab[~torch.isin(vocab, torch.tensor(sorted(specials)))]
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for count, text_len in zip(counts, text_lens):
+    for count, text_len in zip(counts, text_lens, strict=True):
         visual = [token] * count
         if is_qwen and count:
             visual = [config.vision_start_token_id, *visual, config.vision_end_token_id]
-        prefix, question = (allowed[torch.randint(len(allowed), (n,), generator=gen)].tolist() for n in (PREFIX_LEN, text_len))
-        rows.append(prefix + visual + question)
+        prefix, question = (
+            allowed[torch.randint(len(allowed), (n,), generator=gen)] for n in (PREFIX_LEN, text_len)
+        )
+        rows.append(prefix.tolist() + visual + question.tolist())
 
     length = max(map(len, rows))
     input_ids = torch.full((batch, length), PAD_ID, dtype=torch.long)
@@ -241,7 +250,7 @@ def make_inputs(
         attention_mask[i, length - len(row) :] = 1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if is_qwen:  # 0 text, 1 image, 2 video, as the Qwen-VL processors emit
-        inputs["mm_token_type_ids"] = (input_ids == config.image_token_id).long() + 2 * (
-            input_ids == config.video_token_id
-        ).long()
+        inputs["mm_token_type_ids"] = torch.zeros_like(input_ids)
+        inputs["mm_token_type_ids"][input_ids == image_id] = 1
+        inputs["mm_token_type_ids"][input_ids == video_id] = 2
     return {**inputs, **pixels}

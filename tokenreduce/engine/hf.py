@@ -13,7 +13,8 @@ Hooks (all scoped to one model instance and removed by ``unpatch``):
 
 from __future__ import annotations
 
-from functools import partial
+import inspect
+from functools import partial, wraps
 from typing import Any
 
 import torch
@@ -106,11 +107,15 @@ class HFEngine:
         self.record: Record | None = None
         self.timer: Timer | None = None
         self.handles: list[Any] = []
+        self.seen_visual: dict[str, torch.Tensor] = {}
+        self.wrapped: list[tuple[nn.Module, str]] = []
 
     # installation ---------------------------------------------------------------------------
     def install(self) -> None:
         base = self.adapter.base_model(self.model)
         self.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
+        for name in ("get_image_features", "get_video_features"):
+            self._record_calls(base, name)
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(partial(self._on_layer, i), with_kwargs=True))
             layer.self_attn._tokenreduce_engine = self
@@ -121,11 +126,31 @@ class HFEngine:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for obj, name in self.wrapped:
+            delattr(obj, name)
+        self.wrapped.clear()
         for layer in self.layers:
             if getattr(layer.self_attn, "_tokenreduce_engine", None) is self:
                 del layer.self_attn._tokenreduce_engine
         self.text_config._attn_implementation = self.original_attention
         self.state = None
+
+    def _record_calls(self, base: nn.Module, name: str) -> None:
+        """Remember the tensors passed to ``base.<name>``: ``generate`` encodes images and videos
+        before the forward and then drops their grids and pixels from the forward's arguments."""
+        fn = getattr(base, name, None)
+        if fn is None:
+            return
+        signature = inspect.signature(fn)
+
+        @wraps(fn)  # generate() inspects the signature to pick the encoder's arguments
+        def recorder(*args: Any, **kwargs: Any):
+            bound = signature.bind_partial(*args, **kwargs)
+            self.seen_visual.update({k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)})
+            return fn(*args, **kwargs)
+
+        setattr(base, name, recorder)
+        self.wrapped.append((base, name))
 
     # hooks -----------------------------------------------------------------------------------
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -135,9 +160,11 @@ class HFEngine:
             if self.record is not None:
                 self.record.decode_steps += 1
             return
+        inputs = {**self.seen_visual, **{k: v for k, v in kwargs.items() if v is not None}}
+        self.seen_visual = {}
         if args and "input_ids" not in kwargs:
-            kwargs = {**kwargs, "input_ids": args[0]}
-        layout = self.adapter.build_layout(self.model, kwargs)
+            inputs["input_ids"] = args[0]
+        layout = self.adapter.build_layout(self.model, inputs)
         if layout is None:
             self.state = None
             return

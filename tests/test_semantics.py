@@ -1,0 +1,219 @@
+"""The semantics every method shares: identity, original positions, batch == singles, backends,
+dtypes, real reduction of compute and cache, generation, accelerate loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from conftest import last_logits, sample_of, video_inputs
+
+import tokenreduce
+from tokenreduce.methods import Method, Selection, Step
+from tokenreduce.testing import make_frames, make_inputs, tiny_model
+
+METHODS = [("framefusion", {"retention": 0.3}), ("fastv", {"retention": 0.5})]
+
+
+@dataclass
+class DropRows(Method):
+    """Test method: drop the given original rows before ``layer``."""
+
+    name: ClassVar[str] = "drop-rows"
+    layer: int = 0
+    drop: tuple[int, ...] = ()
+
+    def act_layers(self, num_layers):
+        return {self.layer}
+
+    def reduce(self, step: Step) -> Selection:
+        return Selection.keep(step.valid & ~torch.isin(step.rows, torch.tensor(self.drop)))
+
+
+@pytest.mark.parametrize("name", ["framefusion", "fastv"])
+def test_retention_one_is_identity(family, name):
+    model = tiny_model(family)
+    inputs = video_inputs(model, n=2, text_lens=[5, 9])
+    with torch.no_grad():
+        dense = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        tokenreduce.patch(model, name, retention=1.0)
+        out = model(**inputs).logits
+        assert torch.allclose(out, dense, atol=1e-5, rtol=0)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen)
+
+
+def test_framefusion_cost_one_is_identity():
+    model = tiny_model("llava_onevision")
+    inputs = video_inputs(model)
+    dense = last_logits(model, inputs)
+    tokenreduce.patch(model, "framefusion", cost=1.0)
+    assert torch.allclose(last_logits(model, inputs), dense, atol=1e-5, rtol=0)
+
+
+def _captured_position_ids(model, inputs):
+    seen = {}
+    lm = model.model.language_model
+
+    def grab(module, args, kwargs):
+        seen.setdefault("p", kwargs.get("position_ids"))
+
+    h = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    h.remove()
+    return seen["p"]
+
+
+def test_dropped_rows_keep_original_positions(family):
+    """Removing tokens before layer 0 equals the dense model with those tokens masked out and
+    every other token at its original position (1-D RoPE and Qwen's 3-D M-RoPE)."""
+    model = tiny_model(family)
+    inputs = video_inputs(model)
+    visual = torch.nonzero(inputs["input_ids"][0] == model.config.video_token_id).flatten()
+    drop = visual[torch.randperm(len(visual), generator=torch.Generator().manual_seed(1))[: len(visual) // 2]]
+    holes = dict(inputs, attention_mask=inputs["attention_mask"].clone())
+    holes["attention_mask"][0, drop] = 0
+    if family.startswith("qwen"):  # M-RoPE positions come from the mask: pin the unmasked ones
+        holes["position_ids"] = _captured_position_ids(model, inputs)
+    expected = last_logits(model, holes)
+    tokenreduce.patch(model, DropRows(layer=0, drop=tuple(drop.tolist())))
+    got = last_logits(model, inputs)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert tokenreduce.stats(model).layer_tokens == [inputs["input_ids"].shape[1] - len(drop)] * 4
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video"])
+def test_generation_continues_from_original_positions(family):
+    """Decoding after a reduced prompt matches the dense model decoding after the same prompt
+    with the removed tokens masked: same tokens, same scores."""
+    model = tiny_model(family)
+    inputs = video_inputs(model)
+    visual = torch.nonzero(inputs["input_ids"][0] == model.config.video_token_id).flatten()
+    drop = visual[::3]
+    holes = dict(inputs, attention_mask=inputs["attention_mask"].clone())
+    holes["attention_mask"][0, drop] = 0
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        expected = model.generate(**holes, **kw)
+        tokenreduce.patch(model, DropRows(layer=0, drop=tuple(drop.tolist())))
+        got = model.generate(**inputs, **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.allclose(torch.stack(got.scores), torch.stack(expected.scores), atol=1e-5)
+    assert tokenreduce.stats(model).decode_steps == 5
+
+
+def test_qwen_decode_positions_match_dense(family):
+    if not family.startswith("qwen"):
+        pytest.skip("M-RoPE decode positions are Qwen-specific")
+    model = tiny_model(family)
+    inputs = video_inputs(model)
+
+    def decode_positions():
+        seen = []
+        lm = model.model.language_model
+        h = lm.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["position_ids"].clone()) if k["inputs_embeds"].shape[1] == 1 else None,
+            with_kwargs=True)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        h.remove()
+        return seen
+
+    dense = decode_positions()
+    tokenreduce.patch(model, "framefusion", retention=0.3)
+    reduced = decode_positions()
+    assert len(dense) == len(reduced) == 3
+    assert all(torch.equal(a, b) for a, b in zip(dense, reduced, strict=True))
+
+
+@pytest.mark.parametrize("name, options", METHODS)
+def test_batch_equals_singles(family, name, options):
+    model = tiny_model(family)
+    videos = [make_frames(8, seed=3), make_frames(8, seed=4)]
+    lens = [4, 11]
+    tokenreduce.patch(model, name, **options)
+    batch = make_inputs(model, videos=videos, text_lens=lens)
+    got = last_logits(model, batch)
+    kept = tokenreduce.stats(model).kept_indices
+    pad = (batch["attention_mask"] == 0).sum(dim=1).tolist()
+    for b in range(2):
+        single = sample_of(batch, b)
+        assert torch.allclose(got[b], last_logits(model, single)[0], atol=1e-4, rtol=0)
+        alone = tokenreduce.stats(model).kept_indices[0]
+        assert [[i - pad[b] for i in layer] for layer in kept[b]] == alone
+
+
+@pytest.mark.parametrize("name, options", METHODS)
+def test_eager_and_sdpa_select_the_same_tokens(name, options):
+    kept = []
+    for impl in ("sdpa", "eager"):
+        model = tiny_model("qwen2_5_vl", attn_implementation=impl)
+        inputs = video_inputs(model, n=2, text_lens=[3, 8])
+        tokenreduce.patch(model, name, **options)
+        logits = last_logits(model, inputs)
+        kept.append((tokenreduce.stats(model).kept_indices, logits))
+    assert kept[0][0] == kept[1][0]
+    assert torch.allclose(kept[0][1], kept[1][1], atol=1e-4)
+
+
+def test_bf16_selection_matches_fp32_up_to_near_ties():
+    sets = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model("llava_onevision", dtype=dtype)
+        inputs = video_inputs(model)
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        tokenreduce.patch(model, "fastv", retention=0.5)
+        with torch.no_grad():
+            model(**inputs)
+        sets.append(set(tokenreduce.stats(model).kept_indices[0][-1]))
+    assert len(sets[0] & sets[1]) / len(sets[0] | sets[1]) > 0.8
+
+
+@pytest.mark.parametrize("name, options", METHODS)
+def test_reduction_is_real_in_layers_and_cache(family, name, options):
+    model = tiny_model(family)
+    inputs = video_inputs(model)
+    tokenreduce.patch(model, name, **options)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    s = tokenreduce.stats(model)
+    length = inputs["input_ids"].shape[1]
+    assert s.layer_tokens[-1] < length
+    assert s.visual_tokens_kept[0] <= -(-s.visual_tokens_in[0] * options["retention"] // 1)
+    cache = out.past_key_values
+    for i, rows in enumerate(s.layer_tokens):
+        assert cache.layers[i].keys.shape[-2] == rows + 2  # the prompt's kept rows + 2 decoded tokens
+    assert cache.get_seq_length() == length + 2  # logical length: the original prompt's
+
+
+def test_device_map_auto_and_bf16_loading(tmp_path):
+    tiny_model("qwen2_vl").save_pretrained(tmp_path)
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, device_map="auto", dtype=torch.bfloat16)
+    inputs = video_inputs(model)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    tokenreduce.patch(model, "framefusion", retention=0.3)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert tokenreduce.stats(model).layer_tokens[-1] < inputs["input_ids"].shape[1]
+
+
+def test_images_and_text_only_prompts(family):
+    model = tiny_model(family)
+    tokenreduce.patch(model, "framefusion", retention=0.3)
+    image = make_inputs(model, images=[make_frames(1)[0]])
+    with torch.no_grad():
+        model.generate(**image, max_new_tokens=2, do_sample=False)
+    s = tokenreduce.stats(model)
+    n = s.visual_tokens_in[0]
+    assert s.layer_tokens[0] == image["input_ids"].shape[1]  # an image has no adjacent frame: no merging
+    assert s.visual_tokens_kept[0] == -(-n * 3 // 10)  # pruned to the budget
+    text = make_inputs(model, text_lens=[6])
+    dense_free = last_logits(model, text)
+    tokenreduce.unpatch(model)
+    assert torch.allclose(dense_free, last_logits(model, text), atol=1e-6)

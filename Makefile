@@ -1,0 +1,24 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CUDA builds that also run on CPU; on the project's CPU machines pip takes them from local disk.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/tokenreduce demo $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check tokenreduce tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q $(ARGS)

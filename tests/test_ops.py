@@ -47,9 +47,10 @@ def test_weighted_merge_uses_and_carries_sizes():
 
 def test_compaction_is_right_aligned_and_ordered():
     keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
-    index, valid = compaction_index(keep)
+    index, valid, padded = compaction_index(keep)
     assert index[0].tolist() == [0, 2, 3]
     assert index[1, -1].item() == 1 and valid.tolist() == [[True, True, True], [False, False, True]]
+    assert padded and not compaction_index(keep[:1])[2]
 
 
 def test_take_rows_handles_broadcast_batch_and_leading_planes():

@@ -20,6 +20,7 @@ class ReducedDynamicLayer(DynamicLayer):
     positions: torch.Tensor | None
     logical_length: int
     pending: tuple[torch.Tensor, int] | None
+    padded: bool
 
     @classmethod
     def adopt(cls, layer: DynamicLayer) -> ReducedDynamicLayer:
@@ -27,13 +28,15 @@ class ReducedDynamicLayer(DynamicLayer):
             raise ValueError(f"tokenreduce reduces the KV cache of DynamicCache layers only; got "
                              f"{type(layer).__name__}. Use the default cache (no cache_implementation).")
         layer.__class__ = cls
-        layer.positions, layer.pending = None, None
+        layer.positions, layer.pending, layer.padded = None, None, False
         layer.logical_length = DynamicLayer.get_seq_length(layer)
         return layer
 
-    def expect(self, positions: torch.Tensor, logical: int) -> None:
-        """The next update stores rows at these logical ``positions`` and advances by ``logical``."""
+    def expect(self, positions: torch.Tensor, logical: int, padded: bool) -> None:
+        """The next update stores rows at these logical ``positions`` and advances by ``logical``;
+        ``padded`` says whether any of them is a padding row (-1), known to the caller without a sync."""
         self.pending = (positions, logical)
+        self.padded = self.padded or padded
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[-2]
@@ -51,7 +54,7 @@ class ReducedDynamicLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.positions, self.pending, self.logical_length = None, None, 0
+        self.positions, self.pending, self.logical_length, self.padded = None, None, 0, False
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)

@@ -45,8 +45,11 @@ class ForwardState:
         self.importance: tuple[int, torch.Tensor] | None = None
         self.slices: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.visual_in = layout.visual_counts()
-        self.max_frames = int(layout.frame.max()) + 1 if layout.frame.numel() else 1
-        self.reducing = bool(self.visual_in.any())
+        grids = [g for sample in layout.grids for g in sample]
+        self.max_frames = max((g[1] for g in grids), default=1)
+        self.max_cells = max((g[2] * g[3] for g in grids), default=1)
+        self.reducing = bool(grids)
+        self.padded = not bool(layout.valid.all())
 
     def cached(self, kind: str, obj: Any, make) -> Any:
         """``make(obj)``, computed once per rows version and source object."""
@@ -57,8 +60,8 @@ class ForwardState:
         self.slices[(kind, id(obj))] = (obj, out)
         return out
 
-    def set_rows(self, rows: torch.Tensor, size: torch.Tensor) -> None:
-        self.rows, self.size = rows, size
+    def set_rows(self, rows: torch.Tensor, size: torch.Tensor, padded: bool) -> None:
+        self.rows, self.size, self.padded = rows, size, padded
         self.version += 1
         self.slices.clear()
 
@@ -193,7 +196,7 @@ class HFEngine:
                 layer = _cache_layer(cache, idx)
                 if not isinstance(layer, ReducedDynamicLayer):
                     layer = ReducedDynamicLayer.adopt(layer)
-                layer.expect(st.rows, st.layout.shape[1])
+                layer.expect(st.rows, st.layout.shape[1], st.padded)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -219,7 +222,7 @@ class HFEngine:
         step = Step(layer=idx, num_layers=self.num_layers, hidden=hidden, rows=st.rows, size=st.size,
                     kind=st.current("kind"), item=st.current("item"), frame=st.current("frame"),
                     cell=st.current("cell"), importance=importance, visual_in=st.visual_in,
-                    max_frames=st.max_frames, memo=st.memo)
+                    max_frames=st.max_frames, max_cells=st.max_cells, memo=st.memo)
         selection = self.method.reduce(step)
         if selection is None:
             return hidden
@@ -232,9 +235,9 @@ class HFEngine:
         size = st.size
         if bool(merged.any()):
             hidden, size = weighted_merge(hidden, size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device))
-        index, valid = compaction_index(keep)
+        index, valid, padded = compaction_index(keep)
         rows = torch.where(valid, st.rows.gather(1, index), -1)
-        st.set_rows(rows, size.gather(1, index.to(size.device)))
+        st.set_rows(rows, size.gather(1, index.to(size.device)), padded)
         return take_rows(hidden, index.to(hidden.device), 1)
 
     def _slice_kwargs(self, kwargs: dict[str, Any]) -> None:
@@ -266,6 +269,8 @@ class HFEngine:
     def _continuation_mask(self, layer: ReducedDynamicLayer, kwargs: dict[str, Any], hidden: torch.Tensor):
         mask = kwargs.get("attention_mask")
         bsz, q_len = hidden.shape[:2]
+        if mask is None and q_len == 1 and not layer.padded:
+            return None  # one new token attends to every stored row: no mask, no sync
         dev = mask.device if isinstance(mask, torch.Tensor) else hidden.device
         past = layer.logical_length
         new = torch.arange(past, past + q_len, device=dev).expand(bsz, -1)

@@ -113,7 +113,7 @@ class FrameFusion(Method):
         """This layer's merges: which rows fold away, and the run head each row folds into."""
         memo = step.memo
         active = memo["active"]
-        span = int(step.cell.max().clamp(min=0)) + 1
+        span = step.max_cells
         candidate = step.visual & (step.frame >= 0) & active[:, None]
         pred = same_cell_predecessor(torch.where(candidate, step.item * span + step.cell, -1))
         sim = adjacent_cosine(step.hidden, pred)

@@ -5,22 +5,23 @@ from __future__ import annotations
 import torch
 
 
-def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source row of each output row ``[B, L']`` and its validity, for ``keep`` ``[B, L]``.
+def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Source row of each output row ``[B, L']``, its validity, and whether any row is padding.
 
     Kept rows stay in order and are right-aligned, so the last row of every sample is its last
     kept token (what ``generate`` reads) and shorter samples are left-padded. ``L'`` is the
-    largest kept count: the one host sync a data-dependent length needs.
+    largest kept count: the one host sync a data-dependent length needs (min and max are read
+    together).
     """
     bsz, length = keep.shape
     counts = keep.sum(dim=1)
-    new_len = int(counts.max()) if bsz else 0
+    low, new_len = torch.stack([counts.min(), counts.max()]).tolist() if bsz else (0, 0)
     col = new_len - counts[:, None] + keep.long().cumsum(dim=1) - 1
     col = torch.where(keep, col, new_len)  # dropped rows go to a spare column
     src = torch.arange(length, device=keep.device).expand(bsz, -1)
     index = torch.zeros(bsz, new_len + 1, dtype=torch.long, device=keep.device).scatter_(1, col, src)
     valid = torch.arange(new_len, device=keep.device)[None, :] >= (new_len - counts)[:, None]
-    return index[:, :new_len], valid
+    return index[:, :new_len], valid, low != new_len
 
 
 def take_rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

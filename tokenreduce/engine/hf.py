@@ -117,6 +117,7 @@ class HFEngine:
     def install(self) -> None:
         base = self.adapter.base_model(self.model)
         self.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
+        self.handles.append(base.register_forward_hook(lambda *_: self.seen_visual.clear()))
         for name in ("get_image_features", "get_video_features"):
             self._record_calls(base, name)
         for i, layer in enumerate(self.layers):
@@ -139,8 +140,9 @@ class HFEngine:
         self.state = None
 
     def _record_calls(self, base: nn.Module, name: str) -> None:
-        """Remember the tensors passed to ``base.<name>``: ``generate`` encodes images and videos
-        before the forward and then drops their grids and pixels from the forward's arguments."""
+        """Remember the tensors passed to ``base.<name>``: ``generate`` (transformers >= 5.2x)
+        encodes images and videos before the forward and then drops their grids and pixels from
+        the forward's arguments. What is recorded during a forward is forgotten at its end."""
         fn = getattr(base, name, None)
         if fn is None:
             return

@@ -47,10 +47,11 @@ def test_weighted_merge_uses_and_carries_sizes():
 
 def test_compaction_is_right_aligned_and_ordered():
     keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
-    index, valid, padded = compaction_index(keep)
+    index, valid, target, padded = compaction_index(keep)
+    assert target.tolist() == [[0, -1, 1, 2], [-1, 2, -1, -1]]
     assert index[0].tolist() == [0, 2, 3]
     assert index[1, -1].item() == 1 and valid.tolist() == [[True, True, True], [False, False, True]]
-    assert padded and not compaction_index(keep[:1])[2]
+    assert padded and not compaction_index(keep[:1]).ragged
 
 
 def test_take_rows_handles_broadcast_batch_and_leading_planes():

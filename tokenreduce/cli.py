@@ -1,7 +1,5 @@
 """The ``tokenreduce`` command: ``methods`` lists the registered methods and their options; ``demo``
 writes a real mp4, decodes it, runs dense and reduced generation side by side and draws what was kept.
-
-Heavy imports (torch, transformers) happen inside the commands, so ``tokenreduce --help`` is instant.
 """
 
 from __future__ import annotations
@@ -9,14 +7,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+
+from . import api
+from .methods import REGISTRY, make_method
+from .testing import FAMILIES, make_inputs, tiny_model
+from .video import IMAGES, MOTIONS, read_video, write_demo_video
+from .viz import save_kept_patches, save_layer_tokens
 
 DEFAULT_RETENTION = 0.3
 DEMO_FPS = 8
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, one subparser per command."""
     parser = argparse.ArgumentParser(
         prog="tokenreduce",
         description="Training-free token reduction for Hugging Face video LLMs.",
@@ -61,8 +68,6 @@ def _add_methods(commands: argparse._SubParsersAction) -> None:
 
 def run_methods(args: argparse.Namespace) -> int:
     """Print every registered method, its description and its options with their defaults."""
-    from .methods import REGISTRY
-
     for name, cls in REGISTRY.items():
         print(f"{name}: {cls.description}")
         defaults = cls().options()  # after validation, so derived defaults (e.g. a budget) show
@@ -87,41 +92,50 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
             "--model it uses a tiny random-weight model and runs in seconds on a CPU (its outputs mean "
             "nothing and, at 4 layers of width 64, its timings measure overhead, not speed-up)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = cmd.add_argument_group("model")
     model.add_argument("--model", metavar="PATH",
                        help="local Hugging Face model folder with its processor (default: tiny random model)")
-    model.add_argument("--family", default="qwen2_vl",
-                       help="tiny model family: qwen2_vl, qwen2_5_vl, llava_onevision or llava_next_video")
+    model.add_argument("--family", choices=FAMILIES, default="qwen2_vl",
+                       help="family of the tiny random model (default: %(default)s)")
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     model.add_argument("--question", default="Describe what happens in this video.",
-                       help="the question (--model only; the tiny model's prompt is random token ids)")
-    model.add_argument("--max-new-tokens", type=_positive_int, default=8, help="tokens to generate")
+                       help="question asked about the video (--model only; the tiny model's prompt is "
+                            "random token ids) (default: %(default)r)")
+    model.add_argument("--max-new-tokens", type=_positive_int, default=8, metavar="N",
+                       help="tokens to generate (default: %(default)s)")
+    model.add_argument("--repeat", type=_positive_int, default=3, metavar="N",
+                       help="timed generations per mode after a warm-up; medians are reported "
+                            "(default: %(default)s)")
 
     method = cmd.add_argument_group("method")
-    method.add_argument("--method", default="framefusion", help="a method listed by 'tokenreduce methods'")
-    method.add_argument("--retention", type=_retention, default=DEFAULT_RETENTION,
+    method.add_argument("--method", default="framefusion",
+                        help=f"{' or '.join(REGISTRY)}; see 'tokenreduce methods' (default: %(default)s)")
+    method.add_argument("--retention", type=_retention, default=DEFAULT_RETENTION, metavar="R",
                         help="fraction of visual tokens to keep; 'none' leaves the method's own budget "
-                             "(e.g. --retention none --option cost=0.3)")
+                             "(e.g. --retention none --option cost=0.3) (default: %(default)s)")
     method.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="another method option, repeatable; VALUE is read as int, float, "
                              "true/false, none or else a string")
 
     video = cmd.add_argument_group("video")
-    video.add_argument("--motion", choices=("pan", "static", "zoom", "cuts"), default="pan",
-                       help="camera pan, still scene with one moving object, zoom-in, or pan with a hard cut")
-    video.add_argument("--image", default="astronaut",
-                       help="scikit-image photo: astronaut, chelsea, coffee, rocket or hubble_deep_field")
-    video.add_argument("--frames", type=_positive_int, default=16, help="frames written to the mp4")
-    video.add_argument("--size", type=_positive_int, default=224,
-                       help="side of the square video in pixels, even (the model's processor resizes it)")
-    video.add_argument("--num-frames", type=_positive_int,
+    video.add_argument("--motion", choices=MOTIONS, default="pan",
+                       help="camera pan, still scene with one moving object, zoom-in, or pan with a hard cut "
+                            "(default: %(default)s)")
+    video.add_argument("--image", choices=IMAGES, default="astronaut",
+                       help="scikit-image photograph to film (default: %(default)s)")
+    video.add_argument("--frames", type=_positive_int, default=16, metavar="N",
+                       help="frames written to the mp4 (default: %(default)s)")
+    video.add_argument("--size", type=_positive_int, default=224, metavar="PX",
+                       help="side of the square video in pixels, even; the model's processor resizes it "
+                            "(default: %(default)s)")
+    video.add_argument("--num-frames", type=_positive_int, metavar="N",
                        help="frames sampled evenly when decoding (default: all)")
-    cmd.add_argument("--out", default="tokenreduce-demo", type=Path,
-                     help="folder for demo.mp4, kept_patches.png, layer_tokens.png and demo.json")
+    cmd.add_argument("--out", default="tokenreduce-demo", type=Path, metavar="DIR",
+                     help="folder for demo.mp4, kept_patches.png, layer_tokens.png and demo.json "
+                          "(default: %(default)s)")
     cmd.set_defaults(run=run_demo)
 
 
@@ -137,11 +151,6 @@ class Generation:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Dense and reduced generation side by side on a freshly written and decoded video."""
-    import tokenreduce
-    from tokenreduce.methods import make_method
-    from tokenreduce.video import read_video, write_demo_video
-    from tokenreduce.viz import save_kept_patches, save_layer_tokens
-
     options = {} if args.retention is None else {"retention": args.retention}
     options.update(args.option)
     method = _user_call(make_method, args.method, **options)
@@ -157,11 +166,11 @@ def run_demo(args: argparse.Namespace) -> int:
         model, inputs, decode = _load_tiny(args.family, frames, device, dtype)
         model_name = f"tiny random {args.family}"
 
-    _user_call(tokenreduce.patch, model, method)  # before the dense run, so a bad fit fails fast
-    reduced = _timed_generate(model, inputs, args.max_new_tokens, device, decode)
-    stats = tokenreduce.stats(model)
-    tokenreduce.unpatch(model)
-    dense = _timed_generate(model, inputs, args.max_new_tokens, device, decode)
+    _user_call(api.patch, model, method)  # before the dense run, so a bad fit fails fast
+    reduced = _timed_generate(model, inputs, args, device, decode)
+    stats = api.stats(model)
+    api.unpatch(model)
+    dense = _timed_generate(model, inputs, args, device, decode)
 
     length = inputs["input_ids"].shape[1]
     layers = {"dense": [length] * len(stats.layer_tokens), "reduced": stats.layer_tokens}
@@ -196,21 +205,18 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tiny(family: str, frames, device, dtype) -> tuple[Any, dict, None]:
+def _load_tiny(
+    family: str, frames: np.ndarray, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, dict, None]:
     """A tiny random-weight model of ``family`` and its inputs (random prompt ids around the video)."""
-    from .testing import FAMILIES, make_inputs, tiny_model
-
-    if family not in FAMILIES:
-        raise UsageError(f"unknown family {family!r}; available: {', '.join(FAMILIES)}")
     model = tiny_model(family, dtype=dtype).to(device)
     return model, _to_device(make_inputs(model, videos=[frames]), device, dtype), None
 
 
-def _load_pretrained(args: argparse.Namespace, frames, device, dtype) -> tuple[Any, dict, Callable]:
+def _load_pretrained(
+    args: argparse.Namespace, frames: np.ndarray, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, dict, Callable]:
     """The model and processor in ``args.model`` and a chat prompt holding the decoded video."""
-    import numpy as np
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     path = Path(args.model)
     if not path.is_dir():
         raise UsageError(f"--model {path} is not a folder; give a local Hugging Face model folder")
@@ -230,21 +236,26 @@ def _load_pretrained(args: argparse.Namespace, frames, device, dtype) -> tuple[A
     return model, _to_device(dict(inputs), device, dtype), decode
 
 
-def _timed_generate(model, inputs: dict, max_new_tokens: int, device, decode: Callable | None) -> Generation:
-    """Greedy generation after a 1-token warm-up; the first new token's arrival on the host is the TTFT."""
-    import torch
-
+def _timed_generate(
+    model: PreTrainedModel, inputs: dict, args: argparse.Namespace, device: torch.device,
+    decode: Callable | None,
+) -> Generation:
+    """Greedy generation, timed ``args.repeat`` times after a 1-token warm-up (medians); the first new
+    token's arrival on the host gives the time to first token."""
     model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    clock = _FirstTokenClock()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    clock.start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    generate_ms = (time.perf_counter() - clock.start) * 1e3
+    ttft, total = [], []
+    for _ in range(args.repeat):
+        clock = _FirstTokenClock()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        clock.start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=clock)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total.append((time.perf_counter() - clock.start) * 1e3)
+        ttft.append(clock.ttft_ms)
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
-    return Generation(ids, clock.ttft_ms, generate_ms, decode(ids) if decode else None)
+    return Generation(ids, statistics.median(ttft), statistics.median(total), decode(ids) if decode else None)
 
 
 class _FirstTokenClock:
@@ -311,8 +322,6 @@ def _format_report(report: dict, dense: Generation, reduced: Generation, written
 
 def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """The torch device and dtype the demo runs in, defaults filled in."""
-    import torch
-
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as err:
@@ -322,9 +331,11 @@ def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devi
     return device, getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
 
-def _to_device(inputs: dict, device, dtype) -> dict:
-    """Tensors moved to ``device``; floating ones (pixels) cast to the model's ``dtype``."""
-    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+def _to_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors moved to ``device``, pixels cast to the model's ``dtype`` (timings such as Qwen2.5-VL's
+    ``second_per_grid_ts`` keep their precision)."""
+    return {key: value.to(device, dtype) if key.startswith("pixel_values") else value.to(device)
+            for key, value in inputs.items()}
 
 
 def _user_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:

@@ -28,10 +28,12 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.image_processing_utils import select_best_resolution
 
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava_next_video")
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video")
 
 FRAME_SIZE = 56  # native frame side of every tiny vision tower
 VIDEO_FPS = 2.0  # frame rate assumed for Qwen2.5-VL's ``second_per_grid_ts``
@@ -42,6 +44,7 @@ PREFIX_LEN = 4  # text tokens before the visual run
 _CLASSES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
     "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
     "llava_next_video": (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration),
 }
@@ -79,6 +82,11 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
         ids = dict(image_token_index=IMAGE_ID, video_token_index=VIDEO_ID, image_grid_pinpoints=_PINPOINTS)
     if family == "qwen2_vl":
         vision = {**qwen_vision, "embed_dim": 32, "hidden_size": hidden, "mlp_ratio": 2}
+    elif family == "qwen3_vl":  # deepstack features feed LLM layers 0 and 1
+        vision = {**qwen_vision, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": hidden}
+        vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        text["rope_parameters"]["mrope_interleaved"] = True
+        text["head_dim"] = hidden // text["num_attention_heads"]
     elif family == "qwen2_5_vl":
         vision = {**qwen_vision, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": hidden}
         vision.update(window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)  # layer 0 windowed
@@ -212,7 +220,8 @@ def make_inputs(
     must share their shape (the processor stacks them).
     """
     config = model.config
-    if config.model_type not in FAMILIES:
+    family = config.model_type
+    if family not in FAMILIES:
         raise ValueError(f"unsupported model type {config.model_type!r}, expected one of {FAMILIES}")
     if videos is not None and images is not None:
         raise ValueError("pass videos or images, not both")
@@ -233,10 +242,14 @@ def make_inputs(
     allowed = vocab[~torch.isin(vocab, torch.tensor(sorted(specials)))]
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for count, text_len in zip(counts, text_lens, strict=True):
+    for i, (count, text_len) in enumerate(zip(counts, text_lens, strict=True)):
         visual = [token] * count
+        # Qwen3-VL writes each frame as "<timestamp> <start> tokens <end>"; one random id stands for the timestamp
+        frames = int(pixels["video_grid_thw"][i, 0]) if family == "qwen3_vl" and videos is not None else 1
         if is_qwen and count:
-            visual = [config.vision_start_token_id, *visual, config.vision_end_token_id]
+            per_frame = [config.vision_start_token_id, *visual[: count // frames], config.vision_end_token_id]
+            stamps = allowed[torch.randint(len(allowed), (frames,), generator=gen)].tolist()
+            visual = [tok for stamp in stamps for tok in ([stamp] if frames > 1 else []) + per_frame]
         prefix, question = (
             allowed[torch.randint(len(allowed), (n,), generator=gen)] for n in (PREFIX_LEN, text_len)
         )

@@ -39,6 +39,7 @@ class ForwardState:
         length = layout.shape[1]
         ar = torch.arange(length, device=layout.kind.device).expand(layout.shape[0], -1)
         self.rows = torch.where(layout.valid, ar, -1)
+        self.owner = self.rows  # [B, L_orig]: the current row each original token lives in (-1: dropped)
         self.size = torch.ones(layout.shape, dtype=torch.float32, device=layout.kind.device)
         self.version = 0
         self.memo: dict[str, Any] = {}
@@ -60,8 +61,8 @@ class ForwardState:
         self.slices[(kind, id(obj))] = (obj, out)
         return out
 
-    def set_rows(self, rows: torch.Tensor, size: torch.Tensor, padded: bool) -> None:
-        self.rows, self.size, self.padded = rows, size, padded
+    def set_rows(self, rows: torch.Tensor, size: torch.Tensor, padded: bool, owner: torch.Tensor) -> None:
+        self.rows, self.size, self.padded, self.owner = rows, size, padded, owner
         self.version += 1
         self.slices.clear()
 
@@ -111,6 +112,7 @@ class HFEngine:
         self.timer: Timer | None = None
         self.handles: list[Any] = []
         self.seen_visual: dict[str, torch.Tensor] = {}
+        self.recording = False
         self.wrapped: list[tuple[nn.Module, str]] = []
 
     # installation ---------------------------------------------------------------------------
@@ -120,6 +122,8 @@ class HFEngine:
         self.handles.append(base.register_forward_hook(lambda *_: self.seen_visual.clear()))
         for name in ("get_image_features", "get_video_features"):
             self._record_calls(base, name)
+        if self.adapter.deepstack:
+            self._wrap(self.adapter.language_model(self.model), "_deepstack_process", self._deepstack)
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(partial(self._on_layer, i), with_kwargs=True))
             layer.self_attn._tokenreduce_engine = self
@@ -143,19 +147,48 @@ class HFEngine:
         """Remember the tensors passed to ``base.<name>``: ``generate`` (transformers >= 5.2x)
         encodes images and videos before the forward and then drops their grids and pixels from
         the forward's arguments. What is recorded during a forward is forgotten at its end."""
-        fn = getattr(base, name, None)
-        if fn is None:
+        if getattr(base, name, None) is None:
             return
-        signature = inspect.signature(fn)
+        signature = inspect.signature(getattr(base, name))
 
-        @wraps(fn)  # generate() inspects the signature to pick the encoder's arguments
-        def recorder(*args: Any, **kwargs: Any):
+        def recorder(fn, *args: Any, **kwargs: Any):
+            if self.recording:  # an encoder calling another (Qwen3-VL: videos through the image path)
+                return fn(*args, **kwargs)
             bound = signature.bind_partial(*args, **kwargs)
             self.seen_visual.update({k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)})
-            return fn(*args, **kwargs)
+            self.recording = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.recording = False
 
-        setattr(base, name, recorder)
-        self.wrapped.append((base, name))
+        self._wrap(base, name, recorder)
+
+    def _wrap(self, obj: nn.Module, name: str, wrapper) -> None:
+        """Shadow ``obj.<name>`` on this instance by ``wrapper(original, *args, **kwargs)``; undone by
+        ``remove``. The signature is kept: ``generate()`` inspects it to pick encoder arguments."""
+        original = getattr(obj, name)
+        setattr(obj, name, wraps(original)(partial(wrapper, original)))
+        self.wrapped.append((obj, name))
+
+    def _deepstack(self, original, hidden: torch.Tensor, visual_pos_masks: torch.Tensor,
+                   visual_embeds: torch.Tensor) -> torch.Tensor:
+        """Qwen3-VL adds per-token vision features to the visual rows of its first layers. After a
+        reduction, each current row gets the mean of its original tokens' features (the merged
+        row is the size-weighted mean of its members, so this is what the dense rows would sum to)."""
+        st = self.state
+        if st is None or st.version == 0:
+            return original(hidden, visual_pos_masks, visual_embeds)
+        bsz, length, dim = hidden.shape
+        mask = visual_pos_masks.to(hidden.device)
+        full = torch.zeros(*mask.shape, dim, dtype=torch.float32, device=hidden.device)
+        full[mask] = visual_embeds.to(full)
+        owner = st.owner.to(hidden.device)
+        idx = torch.where(owner >= 0, owner, length)  # dropped tokens land in a spare row
+        total = torch.zeros(bsz, length + 1, dim, dtype=torch.float32, device=hidden.device)
+        total.scatter_add_(1, idx[..., None].expand(-1, -1, dim), full)
+        count = torch.zeros(bsz, length + 1, device=hidden.device).scatter_add_(1, idx, mask.float())
+        return hidden + (total[:, :length] / count[:, :length, None].clamp(min=1)).to(hidden.dtype)
 
     # hooks -----------------------------------------------------------------------------------
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -237,9 +270,11 @@ class HFEngine:
         size = st.size
         if bool(merged.any()):
             hidden, size = weighted_merge(hidden, size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device))
-        index, valid, padded = compaction_index(keep)
+        index, valid, target, padded = compaction_index(keep)
         rows = torch.where(valid, st.rows.gather(1, index), -1)
-        st.set_rows(rows, size.gather(1, index.to(size.device)), padded)
+        lives_in = torch.where(st.owner >= 0, dest.gather(1, st.owner.clamp(min=0)), -1)
+        owner = torch.where(lives_in >= 0, target.gather(1, lives_in.clamp(min=0)), -1)
+        st.set_rows(rows, size.gather(1, index.to(size.device)), padded, owner)
         return take_rows(hidden, index.to(hidden.device), 1)
 
     def _slice_kwargs(self, kwargs: dict[str, Any]) -> None:

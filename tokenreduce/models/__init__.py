@@ -6,9 +6,9 @@ from torch import nn
 
 from .base import ItemSpec, ModelAdapter
 from .llava import LlavaVideoAdapter
-from .qwen_vl import QwenVLAdapter
+from .qwen_vl import Qwen3VLAdapter, QwenVLAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (QwenVLAdapter(), LlavaVideoAdapter())
+ADAPTERS: tuple[ModelAdapter, ...] = (QwenVLAdapter(), Qwen3VLAdapter(), LlavaVideoAdapter())
 
 
 def supported_classes() -> list[str]:

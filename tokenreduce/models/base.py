@@ -14,13 +14,16 @@ from ..layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
 @dataclass(frozen=True)
 class ItemSpec:
     """One image or video as the LLM sees it: ``frames`` x ``grid_h`` x ``grid_w`` tokens plus
-    ``extra`` trailing tokens that belong to no frame (LLaVA-OneVision's video newline)."""
+    ``extra`` trailing tokens that belong to no frame (LLaVA-OneVision's video newline), spread
+    over ``runs`` consecutive runs of placeholder tokens (Qwen3-VL: one run per frame, with a
+    timestamp between frames; everyone else: one run)."""
 
     kind: int
     frames: int
     grid_h: int
     grid_w: int
     extra: int = 0
+    runs: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -36,6 +39,7 @@ class ModelAdapter:
     name: str = ""
     classes: tuple[str, ...] = ()
     position_scheme: str = "1-D RoPE"
+    deepstack: bool = False  # the LLM adds vision features into early layers' visual rows (Qwen3-VL)
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward receives ``input_ids`` and the pixel inputs."""
@@ -53,7 +57,7 @@ class ModelAdapter:
 
     def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[int]]]
                    ) -> dict[int, list[list[ItemSpec]]]:
-        """Per kind, per sample, the spec of each contiguous run of visual tokens (in order)."""
+        """Per kind, per sample, the spec of each image or video, in prompt order."""
         raise NotImplementedError
 
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> TokenLayout | None:
@@ -76,21 +80,29 @@ class ModelAdapter:
         specs = self.item_specs(model, kwargs, runs)
         grids: list[list[tuple[int, int, int, int]]] = [[] for _ in range(ids.shape[0])]
         for b in range(ids.shape[0]):
-            placed = sorted((start, length, k, specs[k][b][j])
-                            for k in token_ids for j, (start, length) in enumerate(runs[k][b]))
-            for n_item, (start, length, k, spec) in enumerate(placed):
+            items = []  # (first run's start, kind, spec, its runs)
+            for k in token_ids:
+                first = 0
+                for spec in specs[k][b]:
+                    item_runs = runs[k][b][first:first + spec.runs]
+                    items.append((item_runs[0][0], k, spec, item_runs))
+                    first += spec.runs
+            for n_item, (_, k, spec, item_runs) in enumerate(sorted(items, key=lambda x: x[0])):
+                length = sum(n for _, n in item_runs)
                 if spec.num_tokens != length:
                     raise ValueError(
-                        f"{self.name}: sample {b} has a run of {length} visual tokens where the pixel inputs "
-                        f"imply {spec.num_tokens} ({spec}); input_ids and pixel inputs do not match")
-                per_frame = spec.grid_h * spec.grid_w
-                idx = torch.arange(length)
-                in_frame = idx < spec.frames * per_frame
-                sl = slice(start, start + length)
-                kind[b, sl] = k
-                item[b, sl] = n_item
-                frame[b, sl] = torch.where(in_frame, idx // per_frame, -1)
-                cell[b, sl] = torch.where(in_frame, idx % per_frame, -1)
+                        f"{self.name}: sample {b} has {length} visual tokens where the pixel inputs imply "
+                        f"{spec.num_tokens} ({spec}); input_ids and pixel inputs do not match")
+                per_frame, offset = spec.grid_h * spec.grid_w, 0
+                for start, n in item_runs:
+                    idx = torch.arange(offset, offset + n)
+                    in_frame = idx < spec.frames * per_frame
+                    sl = slice(start, start + n)
+                    kind[b, sl] = k
+                    item[b, sl] = n_item
+                    frame[b, sl] = torch.where(in_frame, idx // per_frame, -1)
+                    cell[b, sl] = torch.where(in_frame, idx % per_frame, -1)
+                    offset += n
                 grids[b].append((k, spec.frames, spec.grid_h, spec.grid_w))
         dev = input_ids.device
         return TokenLayout(kind=kind.to(dev), item=item.to(dev), frame=frame.to(dev), cell=cell.to(dev),
@@ -109,12 +121,18 @@ def _runs(mask: torch.Tensor) -> list[list[int]]:
 
 
 def split_per_sample(runs: list[list[list[int]]], specs: list[ItemSpec], what: str) -> list[list[ItemSpec]]:
-    """Hand out batch-ordered item specs to the samples' runs, one spec per run, in order."""
+    """Hand out batch-ordered item specs to the samples, each item taking ``spec.runs`` runs."""
     out, pos = [], 0
-    for sample_runs in runs:
-        out.append(specs[pos:pos + len(sample_runs)])
-        pos += len(sample_runs)
+    for b, sample_runs in enumerate(runs):
+        taken, mine = 0, []
+        while taken < len(sample_runs) and pos < len(specs):
+            mine.append(specs[pos])
+            taken += specs[pos].runs
+            pos += 1
+        if taken != len(sample_runs):
+            raise ValueError(f"sample {b} has {len(sample_runs)} runs of {what} tokens but the pixel inputs "
+                             f"describe {taken} for it; input_ids and pixel inputs do not match")
+        out.append(mine)
     if pos != len(specs):
-        raise ValueError(f"the prompt has {pos} runs of {what} tokens but the pixel inputs describe "
-                         f"{len(specs)} {what}s")
+        raise ValueError(f"the pixel inputs describe {len(specs)} {what}s but the prompt places only {pos}")
     return out

@@ -1,4 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL: visual runs described by ``image_grid_thw`` / ``video_grid_thw``, 3-D M-RoPE."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: visual runs described by ``image_grid_thw`` / ``video_grid_thw``,
+3-D M-RoPE."""
 
 from __future__ import annotations
 
@@ -26,6 +27,22 @@ class QwenVLAdapter(ModelAdapter):
         for kind, key, what in ((IMAGE, "image_grid_thw", "image"), (VIDEO, "video_grid_thw", "video")):
             grid = kwargs.get(key)
             rows = [] if grid is None else grid.tolist()
-            specs = [ItemSpec(kind, t, h // merge, w // merge) for t, h, w in rows]
+            specs = [ItemSpec(kind, t, h // merge, w // merge, runs=self.runs_per_item(kind, t)) for t, h, w in rows]
             out[kind] = split_per_sample(runs[kind], specs, what)
         return out
+
+    def runs_per_item(self, kind: int, frames: int) -> int:
+        return 1
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL writes each video frame as its own run (``<t seconds><vision_start>...<vision_end>``)
+    and adds "deepstack" visual features to the visual rows of its first LLM layers; the engine
+    routes those to the rows that survive (size-weighted for merged rows)."""
+
+    name = "qwen3-vl"
+    classes = ("Qwen3VLForConditionalGeneration",)
+    deepstack = True
+
+    def runs_per_item(self, kind: int, frames: int) -> int:
+        return frames if kind == VIDEO else 1

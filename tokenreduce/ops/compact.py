@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Source row of each output row ``[B, L']``, its validity, and whether any row is padding.
+class Compaction(NamedTuple):
+    index: torch.Tensor  # [B, L'] source row of each output row (0 for padding slots)
+    valid: torch.Tensor  # [B, L'] False for left-padding slots
+    target: torch.Tensor  # [B, L] output row of each kept input row, -1 for the others
+    ragged: bool  # samples kept different counts, so some output rows are padding
+
+
+def compaction_index(keep: torch.Tensor) -> Compaction:
+    """Where each kept row of ``keep`` ``[B, L]`` goes in the compacted batch, and back.
 
     Kept rows stay in order and are right-aligned, so the last row of every sample is its last
     kept token (what ``generate`` reads) and shorter samples are left-padded. ``L'`` is the
@@ -16,12 +25,12 @@ def compaction_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bo
     bsz, length = keep.shape
     counts = keep.sum(dim=1)
     low, new_len = torch.stack([counts.min(), counts.max()]).tolist() if bsz else (0, 0)
-    col = new_len - counts[:, None] + keep.long().cumsum(dim=1) - 1
-    col = torch.where(keep, col, new_len)  # dropped rows go to a spare column
+    target = torch.where(keep, new_len - counts[:, None] + keep.long().cumsum(dim=1) - 1, -1)
     src = torch.arange(length, device=keep.device).expand(bsz, -1)
-    index = torch.zeros(bsz, new_len + 1, dtype=torch.long, device=keep.device).scatter_(1, col, src)
+    index = torch.zeros(bsz, new_len + 1, dtype=torch.long, device=keep.device)
+    index.scatter_(1, torch.where(keep, target, new_len), src)  # dropped rows go to a spare column
     valid = torch.arange(new_len, device=keep.device)[None, :] >= (new_len - counts)[:, None]
-    return index[:, :new_len], valid, low != new_len
+    return Compaction(index[:, :new_len], valid, target, low != new_len)
 
 
 def take_rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

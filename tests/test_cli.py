@@ -1,0 +1,45 @@
+"""The tokenreduce command line: methods, demo outputs and clean usage errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenreduce.cli import main
+from tokenreduce.video import read_video
+
+
+def test_methods_lists_methods_and_options(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "framefusion:" in out and "fastv:" in out
+    assert "retention: float | None = 0.3" in out and "layer: int = 2" in out
+
+
+def test_demo_writes_video_pictures_and_numbers(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert read_video(tmp_path / "demo.mp4").shape == (16, 224, 224, 3)
+    for name in ("kept_patches.png", "layer_tokens.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert 0 < report["visual_tokens_kept"] < report["visual_tokens_in"]
+    layers = report["layer_tokens"]
+    assert layers["reduced"][-1] < layers["dense"][-1] == report["sequence_length"]
+    assert all(1 <= len(report["generated"][run]) <= 8 for run in ("dense", "reduced"))  # EOS may stop early
+    out = capsys.readouterr().out
+    assert "visual tokens" in out and "time to first token" in out and "match" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "unknown method 'nope'; available: framefusion, fastv"),
+    (["--option", "bogus=1"], "no option(s) ['bogus']"),
+    (["--option", "cost=0.3"], "either retention or cost"),
+    (["--option", "retention"], "expected KEY=VALUE"),
+    (["--size", "101"], "even"),
+])
+def test_demo_usage_errors_exit_2_without_traceback(tmp_path, capsys, argv, message):
+    assert main(["demo", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import inspect
 import json
 import math
@@ -40,9 +41,12 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, LogitsProcessor, PreTrainedModel, Qwen2VLVideoProcessor
 
-import tokenreduce
-from tokenreduce.methods import make_method
-from tokenreduce.testing import FAMILIES, FRAME_SIZE, make_frames, make_inputs, tiny_model
+if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout without installing it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tokenreduce  # noqa: E402
+from tokenreduce.methods import make_method  # noqa: E402
+from tokenreduce.testing import FAMILIES, FRAME_SIZE, make_frames, make_inputs, tiny_model  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # architectures: tiny_model overrides giving the published shapes (weights are random)

@@ -225,3 +225,20 @@ def test_images_and_text_only_prompts(family):
     dense_free = last_logits(model, text)
     tokenreduce.unpatch(model)
     assert torch.allclose(dense_free, last_logits(model, text), atol=1e-6)
+
+
+def test_accelerate_hooks_on_every_module_keep_working():
+    from accelerate.hooks import attach_align_device_hook
+
+    inputs = None
+    results = []
+    for hooked in (False, True):
+        model = tiny_model("qwen2_5_vl")
+        if hooked:
+            attach_align_device_hook(model, execution_device=torch.device("cpu"))
+            assert hasattr(model.model.language_model.layers[0].self_attn.q_proj, "_hf_hook")
+        inputs = inputs or video_inputs(model)
+        tokenreduce.patch(model, "framefusion", retention=0.3)
+        with torch.no_grad():
+            results.append((last_logits(model, inputs), model.generate(**inputs, max_new_tokens=3, do_sample=False)))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

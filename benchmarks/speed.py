@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import transformers
@@ -45,6 +46,7 @@ if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout witho
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenreduce  # noqa: E402
+from tokenreduce import testing  # noqa: E402
 from tokenreduce.methods import make_method  # noqa: E402
 from tokenreduce.testing import FAMILIES, FRAME_SIZE, make_frames, make_inputs, tiny_model  # noqa: E402
 
@@ -78,6 +80,15 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                            out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
                            tokens_per_second=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        **_QWEN_IDS)),
+    "qwen3-vl-8b": ("qwen3_vl", dict(
+        text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                         max_position_embeddings=262144,
+                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20])),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                           deepstack_visual_indexes=[8, 16, 24]),
         **_QWEN_IDS)),
     "llava-video-7b": ("llava_onevision", _LLAVA_OV_7B),  # LLaVA-Video-7B-Qwen2 is a OneVision model in HF
     "llava-onevision-7b": ("llava_onevision", _LLAVA_OV_7B),
@@ -120,29 +131,28 @@ def load_model(path: str, device: str | torch.device, dtype: torch.dtype, attn: 
 
 
 def build_inputs(model: PreTrainedModel, frames: Any, size: int) -> dict[str, torch.Tensor]:
-    """``make_inputs`` for one video; Qwen frames are processed at ``size`` px, not testing's 224 px cap.
+    """``make_inputs`` for one video, with Qwen-VL frames processed at ``size`` px instead of testing's cap.
 
-    The prompt (text tokens, vision start/end, question) comes from ``make_inputs``; for Qwen-VL the pixels
-    come from the same ``Qwen2VLVideoProcessor`` allowed ``size**2`` pixels per frame, and the run of video
-    placeholder tokens is resized to the new grid.
+    ``tokenreduce.testing`` caps Qwen-VL frames at 224x224 px. Here its pixel step is wrapped so that the
+    same ``Qwen2VLVideoProcessor`` allows ``size**2`` pixels per frame; ``make_inputs`` then writes the
+    prompt (text, per-frame markers, placeholders) for the grid that processor produced.
     """
-    inputs = make_inputs(model, videos=[frames])
-    config = model.config
-    if not config.model_type.startswith("qwen"):
-        return inputs
-    tower = config.vision_config
-    processor = Qwen2VLVideoProcessor(
-        patch_size=tower.patch_size, temporal_patch_size=tower.temporal_patch_size,
-        merge_size=tower.spatial_merge_size, min_pixels=FRAME_SIZE**2, max_pixels=max(size, FRAME_SIZE) ** 2,
-        cap_pixels_per_frame=False)
-    pixels = processor([frames], return_tensors="pt")
-    count = int(pixels["video_grid_thw"].prod() // tower.spatial_merge_size**2)
-    ids, video_id = inputs["input_ids"][0], config.video_token_id
-    run = (ids == video_id).nonzero().flatten()
-    ids = torch.cat([ids[: run[0]], torch.full((count,), video_id), ids[run[-1] + 1 :]])[None]
-    inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels)
-    inputs["mm_token_type_ids"] = (ids == video_id).long() * 2  # 2 = video, as the Qwen processors emit
-    return inputs
+    if not model.config.model_type.startswith("qwen"):
+        return make_inputs(model, videos=[frames])
+    original = testing._pixels
+
+    def pixels_at_size(config: Any, videos: list, images: None) -> tuple[dict, list[int]]:
+        out, _ = original(config, videos, images)  # keeps the family's extra fields (second_per_grid_ts)
+        tower = config.vision_config
+        processor = Qwen2VLVideoProcessor(
+            patch_size=tower.patch_size, temporal_patch_size=tower.temporal_patch_size,
+            merge_size=tower.spatial_merge_size, min_pixels=FRAME_SIZE**2,
+            max_pixels=max(size, FRAME_SIZE) ** 2, cap_pixels_per_frame=False)
+        out.update(processor(videos, return_tensors="pt"))
+        return out, (out["video_grid_thw"].prod(-1) // tower.spatial_merge_size**2).tolist()
+
+    with mock.patch.object(testing, "_pixels", pixels_at_size):
+        return make_inputs(model, videos=[frames])
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype

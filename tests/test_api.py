@@ -97,7 +97,7 @@ def test_patching_twice_replaces_the_patch():
         model(**inputs)
     s = tokenreduce.stats(model)
     assert s.visual_tokens_kept == [32]  # 25% of 128, applied once
-    assert hook_count(model) == before + 2 + model.config.text_config.num_hidden_layers
+    assert hook_count(model) == before + 3 + model.config.text_config.num_hidden_layers
 
 
 def test_stats_content():
@@ -116,3 +116,13 @@ def test_stats_content():
     assert s.reduce_ms >= 0
     grid = s.kept_grid(0, 0)
     assert grid.shape == (4, 2, 2) and grid.sum() == 8
+
+
+def test_labels_and_static_cache_are_refused_clearly():
+    model = tiny_model("qwen2_vl")
+    inputs = video_inputs(model)
+    tokenreduce.patch(model, "fastv")
+    with pytest.raises(ValueError, match="labels"):
+        model(**inputs, labels=inputs["input_ids"])
+    with pytest.raises(ValueError, match="DynamicCache"), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")

@@ -7,7 +7,7 @@
 """
 
 from .api import is_patched, patch, stats, unpatch
-from .engine import Stats
+from .engine.stats import Stats
 from .methods import FastV, FrameFusion, Method, methods
 from .models import supported_classes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .engine import HFEngine, Stats
+from .engine.stats import Stats
 from .methods import Method, make_method
 from .models import adapter_for
 
@@ -25,6 +25,8 @@ def patch(model: nn.Module, method: str | Method, **options) -> nn.Module:
     method = make_method(method, **options)
     if is_patched(model):
         unpatch(model)
+    from .engine.hf import HFEngine  # transformers' modeling code loads only when needed
+
     engine = HFEngine(model, adapter, method)
     engine.install()
     setattr(model, _ATTR, engine)

@@ -1,6 +1,5 @@
-"""The Hugging Face engine: hooks that apply methods inside an unmodified transformers forward."""
+"""The Hugging Face engine: hooks that apply methods inside an unmodified transformers forward.
 
-from .hf import HFEngine
-from .stats import Stats
-
-__all__ = ["HFEngine", "Stats"]
+``hf.HFEngine`` installs them; ``stats.Stats`` reports what they did. Import the submodules
+directly: the engine pulls in transformers' modeling code, which ``import tokenreduce`` avoids.
+"""

@@ -24,9 +24,7 @@ class ReducedDynamicLayer(DynamicLayer):
 
     @classmethod
     def adopt(cls, layer: DynamicLayer) -> ReducedDynamicLayer:
-        if type(layer) is not DynamicLayer:
-            raise ValueError(f"tokenreduce reduces the KV cache of DynamicCache layers only; got "
-                             f"{type(layer).__name__}. Use the default cache (no cache_implementation).")
+        check_reducible(layer)
         layer.__class__ = cls
         layer.positions, layer.pending, layer.padded = None, None, False
         layer.logical_length = DynamicLayer.get_seq_length(layer)
@@ -76,3 +74,10 @@ class ReducedDynamicLayer(DynamicLayer):
         super().reorder_cache(beam_idx)
         if self.positions is not None:
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+
+def check_reducible(layer: object) -> None:
+    """ValueError unless ``layer`` is a cache layer whose rows tokenreduce can reduce."""
+    if type(layer) not in (DynamicLayer, ReducedDynamicLayer):
+        raise ValueError(f"tokenreduce reduces the KV cache of DynamicCache layers only; got {type(layer).__name__}. "
+                         "Use the default dynamic cache (no cache_implementation='static', no quantized cache).")

@@ -25,7 +25,7 @@ from ..methods.base import Method, Step
 from ..models import ModelAdapter
 from ..ops import compaction_index, last_query_importance, take_rows, weighted_merge
 from .attention import wrapped_attention
-from .cache import ReducedDynamicLayer
+from .cache import ReducedDynamicLayer, check_reducible
 from .masks import select_mask
 from .stats import Record
 from .timer import Timer
@@ -95,6 +95,12 @@ def _cache_layer(cache, idx: int):
     return layers[idx]
 
 
+def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("labels") is not None:
+        raise ValueError("tokenreduce removes prompt tokens, so per-token labels no longer line up with the "
+                         "logits; compute losses on the unpatched model (tokenreduce.unpatch)")
+
+
 class HFEngine:
     """One method installed on one model; ``remove()`` undoes everything."""
 
@@ -118,6 +124,7 @@ class HFEngine:
     # installation ---------------------------------------------------------------------------
     def install(self) -> None:
         base = self.adapter.base_model(self.model)
+        self.handles.append(self.model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
         self.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
         self.handles.append(base.register_forward_hook(lambda *_: self.seen_visual.clear()))
         for name in ("get_image_features", "get_video_features"):
@@ -206,6 +213,9 @@ class HFEngine:
         if layout is None:
             self.state = None
             return
+        if cache is not None and any(layout.grids):
+            for layer in getattr(cache, "layers", ()):
+                check_reducible(layer)
         self.state = ForwardState(layout)
         self.timer = Timer(layout.kind.device)
         self.record = Record(self.method.name, layout, self.num_layers, self.timer)
@@ -254,6 +264,9 @@ class HFEngine:
     def _reduce(self, idx: int, hidden: torch.Tensor) -> torch.Tensor:
         st = self.state
         importance = st.importance[1] if st.importance and st.importance[0] == st.version else None
+        if importance is None and idx - 1 in self.score:
+            raise RuntimeError(f"tokenreduce: layer {idx - 1} produced no importance scores; its attention did not "
+                               "run through tokenreduce's attention function (was attn_implementation changed?)")
         step = Step(layer=idx, num_layers=self.num_layers, hidden=hidden, rows=st.rows, size=st.size,
                     kind=st.current("kind"), item=st.current("item"), frame=st.current("frame"),
                     cell=st.current("cell"), importance=importance, visual_in=st.visual_in,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from .base import Method, Selection, Step
 from .fastv import FastV
 from .framefusion import FrameFusion
@@ -25,7 +27,7 @@ def make_method(method: str | Method, **options) -> Method:
     cls = REGISTRY.get(method.lower())
     if cls is None:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(REGISTRY)}")
-    allowed = [f for f in cls.__dataclass_fields__]
+    allowed = [f.name for f in fields(cls)]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"{cls.name} has no option(s) {unknown}; its options are {allowed}")

@@ -71,7 +71,10 @@ class ModelAdapter:
             return None
         ids = input_ids.detach().cpu()
         mask = kwargs.get("attention_mask")
-        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None or mask.ndim != 2 else mask.cpu().bool()
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            valid = mask.cpu().bool()
+        else:  # no mask, or one generate() prepared already (4-D / per layer type): padding unknown here
+            valid = torch.ones_like(ids, dtype=torch.bool)
         kind = torch.where(valid, TEXT, PAD).to(torch.int8)
         item = torch.full(ids.shape, -1, dtype=torch.long)
         frame, cell = item.clone(), item.clone()

@@ -84,18 +84,18 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-vl-8b": ("qwen3_vl", dict(
         text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                         max_position_embeddings=262144,
-                         rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20])),
-        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                           deepstack_visual_indexes=[8, 16, 24]),
+                         max_position_embeddings=262144, rope_parameters=dict(
+                             rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20])),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                           out_hidden_size=4096, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
         **_QWEN_IDS)),
     "llava-video-7b": ("llava_onevision", _LLAVA_OV_7B),  # LLaVA-Video-7B-Qwen2 is a OneVision model in HF
     "llava-onevision-7b": ("llava_onevision", _LLAVA_OV_7B),
     **{f"tiny-{family}": (family, {}) for family in FAMILIES},
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-QUICK = dict(arch="tiny-qwen2_vl", frames=2, size=2 * FRAME_SIZE, repeats=1, warmup=0, decode_tokens=4)
+QUICK = dict(arch="tiny-qwen2_vl", frames=2, size=2 * FRAME_SIZE, repeats=1, warmup=1, decode_tokens=4)
 DEFAULTS = dict(frames=64, size=448, repeats=3, warmup=1, decode_tokens=32)
 
 
@@ -209,7 +209,7 @@ class Row:
     final_layer_tokens: int
     token_ratio: float = 1.0
     ideal_prefill_speedup: float = 1.0
-    prefill_speedup: float = 1.0
+    prefill_speedup: float | None = 1.0
     ttft_speedup: float = 1.0
     decode_speedup: float | None = None
     generate_speedup: float = 1.0
@@ -236,7 +236,7 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], method: str
     samples: dict[str, list[float]] = {k: [] for k in keys}
     patched = method != "dense"
 
-    def once() -> dict[str, float]:
+    def once() -> dict[str, list[float]]:
         t0 = clock.now()
         encoder(**vision_inputs)
         t1 = clock.now()
@@ -245,10 +245,10 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], method: str
         model.generate(**inputs, generation_config=generation, logits_processor=[stamps])
         t3 = clock.now()
         s = stamps.stamps
-        decode = (s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else math.nan
+        decode = [(s[-1] - s[0]) / (len(s) - 1)] if len(s) > 1 else []
         reduce = tokenreduce.stats(model).reduce_ms if patched else 0.0
-        return dict(vision_ms=t1 - t0, ttft_ms=s[0] - t2, decode_ms=decode, generate_ms=t3 - t2,
-                    reduce_ms=reduce)
+        return dict(vision_ms=[t1 - t0], ttft_ms=[s[0] - t2], decode_ms=decode, generate_ms=[t3 - t2],
+                    reduce_ms=[reduce])
 
     with torch.no_grad():
         for _ in range(args.warmup):
@@ -257,7 +257,7 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], method: str
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.repeats):
             for k, v in once().items():
-                samples[k].append(v)
+                samples[k] += v
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if clock.cuda else None
 
     seq = int(inputs["input_ids"].shape[1])
@@ -268,9 +268,9 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], method: str
     else:
         layers, kept = [seq] * model.config.text_config.num_hidden_layers, visual_in
     vision, ttft = _median(samples["vision_ms"]), _median(samples["ttft_ms"])
-    decode = _median(samples["decode_ms"])
+    decode = _median(samples["decode_ms"]) if samples["decode_ms"] else None
     return Row(method=method, retention=retention, vision_ms=vision, ttft_ms=ttft, prefill_ms=ttft - vision,
-               decode_ms_per_token=None if math.isnan(decode) else decode,
+               decode_ms_per_token=decode,
                generate_ms=_median(samples["generate_ms"]), peak_mem_gib=peak,
                reduce_ms=_median(samples["reduce_ms"]),
                sequence_length=seq, visual_tokens_in=visual_in, visual_tokens_kept=kept, layer_tokens=layers,
@@ -283,7 +283,8 @@ def add_ratios(rows: list[Row]) -> None:
     for r in rows:
         r.token_ratio = r.mean_layer_tokens / dense.mean_layer_tokens
         r.ideal_prefill_speedup = 1 / r.token_ratio
-        r.prefill_speedup = dense.prefill_ms / r.prefill_ms if r.prefill_ms > 0 else math.nan
+        positive = r.prefill_ms > 0 and dense.prefill_ms > 0  # TTFT - vision can dip below 0 on tiny models
+        r.prefill_speedup = dense.prefill_ms / r.prefill_ms if positive else None
         r.ttft_speedup = dense.ttft_ms / r.ttft_ms
         r.generate_speedup = dense.generate_ms / r.generate_ms
         if r.decode_ms_per_token and dense.decode_ms_per_token:
@@ -381,8 +382,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="video pan and random weights")
     p.add_argument("--out", metavar="DIR", help="write speed.json and speed.md here (default: stdout only)")
     p.add_argument("--quick", action="store_true",
-                   help="CI smoke test: defaults become tiny-qwen2_vl, 2 frames, 1 repeat, no warmup, "
-                        "4 tokens (explicit options still win)")
+                   help="CI smoke test: defaults become tiny-qwen2_vl, 2 frames at 112 px, 1 warmup, "
+                        "1 repeat, 4 tokens (explicit options still win)")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device and the inputs; print shapes and token counts")
     return p

@@ -12,17 +12,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from . import api
 from .methods import REGISTRY, make_method
 from .testing import FAMILIES, make_inputs, tiny_model
 from .video import IMAGES, MOTIONS, read_video, write_demo_video
 from .viz import save_kept_patches, save_layer_tokens
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_RETENTION = 0.3
 DEMO_FPS = 8
@@ -220,6 +222,8 @@ def _load_pretrained(
     path = Path(args.model)
     if not path.is_dir():
         raise UsageError(f"--model {path} is not a folder; give a local Hugging Face model folder")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=str(device)).eval()
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.question}]}]

@@ -8,30 +8,14 @@ image/video processors; ``input_ids`` are built directly with the exact number o
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import (
-    LlavaNextImageProcessor,
-    LlavaNextVideoConfig,
-    LlavaNextVideoForConditionalGeneration,
-    LlavaNextVideoVideoProcessor,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionImageProcessor,
-    LlavaOnevisionVideoProcessor,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessor,
-    Qwen2VLVideoProcessor,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
-from transformers.image_processing_utils import select_best_resolution
+import transformers  # model and processor classes load lazily, on first use
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video")
 
@@ -42,11 +26,11 @@ VISION_START_ID, VISION_END_ID, IMAGE_ID, VIDEO_ID = 508, 509, 510, 511
 PREFIX_LEN = 4  # text tokens before the visual run
 
 _CLASSES = {
-    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
-    "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
-    "llava_next_video": (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration),
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+    "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
+    "llava_next_video": ("LlavaNextVideoConfig", "LlavaNextVideoForConditionalGeneration"),
 }
 _TEXT = {
     "vocab_size": 512,
@@ -100,7 +84,7 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
     if family == "llava_next_video":  # informational lengths, kept consistent with the tower
         side, stride = vision["image_size"] // vision["patch_size"], overrides.get("spatial_pool_stride", 2)
         ids.update(image_seq_length=side**2, video_seq_length=(side // stride) ** 2)
-    return _CLASSES[family][0](text_config=text, vision_config=vision, **{**ids, **overrides})
+    return getattr(transformers, _CLASSES[family][0])(text_config=text, vision_config=vision, **{**ids, **overrides})
 
 
 def tiny_model(
@@ -115,7 +99,8 @@ def tiny_model(
     config = tiny_config(family, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _CLASSES[family][1]._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        cls = getattr(transformers, _CLASSES[family][1])
+        model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
 
 
@@ -153,6 +138,8 @@ def _anyres_tokens(config: PretrainedConfig, height: int, width: int) -> int:
     """LLaVA-NeXT/OneVision image tokens: base view + unpadded tiled grid with one newline per row."""
     tower = config.vision_config
     side = tower.image_size // tower.patch_size
+    from transformers.image_processing_utils import select_best_resolution
+
     best_h, best_w = select_best_resolution((height, width), config.image_grid_pinpoints)
     cur_h, cur_w = best_h // tower.image_size * side, best_w // tower.image_size * side
     if width / height > cur_w / cur_h:
@@ -175,31 +162,31 @@ def _pixels(config: PretrainedConfig, videos: list | None, images: list | None) 
         kwargs = {"patch_size": tower.patch_size, "temporal_patch_size": tower.temporal_patch_size}
         kwargs.update(merge_size=tower.spatial_merge_size, min_pixels=FRAME_SIZE**2, max_pixels=224**2)
         if is_video:  # cap_pixels_per_frame must be explicit, else transformers warns about a future default
-            processor = Qwen2VLVideoProcessor(**kwargs, cap_pixels_per_frame=False)
+            processor = transformers.Qwen2VLVideoProcessor(**kwargs, cap_pixels_per_frame=False)
             out = dict(processor(videos, return_tensors="pt"))
             grid = out["video_grid_thw"]
             if family == "qwen2_5_vl":
                 out["second_per_grid_ts"] = torch.full((len(videos),), tower.temporal_patch_size / VIDEO_FPS)
         else:
-            out = dict(Qwen2VLImageProcessor(**kwargs)(images, return_tensors="pt"))
+            out = dict(transformers.Qwen2VLImageProcessor(**kwargs)(images, return_tensors="pt"))
             grid = out["image_grid_thw"]
         return out, (grid.prod(-1) // tower.spatial_merge_size**2).tolist()
     side = tower.image_size // tower.patch_size
     square = {"height": tower.image_size, "width": tower.image_size}
     shortest = {"shortest_edge": tower.image_size}
     if family == "llava_onevision" and is_video:
-        out = dict(LlavaOnevisionVideoProcessor(size=square)(videos, return_tensors="pt"))
+        out = dict(transformers.LlavaOnevisionVideoProcessor(size=square)(videos, return_tensors="pt"))
         per_frame, newline = math.ceil(side / 2) ** 2, 1
     elif is_video:
-        processor = LlavaNextVideoVideoProcessor(size=shortest, crop_size=square)
+        processor = transformers.LlavaNextVideoVideoProcessor(size=shortest, crop_size=square)
         out = dict(processor(videos, return_tensors="pt"))
         per_frame, newline = (side // config.spatial_pool_stride) ** 2, 0
     else:
         grid = {"image_grid_pinpoints": config.image_grid_pinpoints}
         if family == "llava_onevision":
-            processor = LlavaOnevisionImageProcessor(size=square, **grid)
+            processor = transformers.LlavaOnevisionImageProcessor(size=square, **grid)
         else:
-            processor = LlavaNextImageProcessor(size=shortest, crop_size=square, **grid)
+            processor = transformers.LlavaNextImageProcessor(size=shortest, crop_size=square, **grid)
         out = dict(processor(images, return_tensors="pt"))
         return out, [_anyres_tokens(config, h, w) for h, w in out["image_sizes"].tolist()]
     return out, [out["pixel_values_videos"].shape[1] * per_frame + newline] * len(videos)

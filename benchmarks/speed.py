@@ -22,6 +22,7 @@ the real model, the generated text and the methods' choices of tokens are meanin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import importlib.util
@@ -32,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,6 +382,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int,
                    help=f"tokens generated per run (default {DEFAULTS['decode_tokens']})")
     p.add_argument("--seed", type=int, default=0, help="video pan and random weights")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--out", metavar="DIR", help="write speed.json and speed.md here (default: stdout only)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke test: defaults become tiny-qwen2_vl, 2 frames at 112 px, 1 warmup, "
@@ -417,6 +420,8 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
@@ -442,9 +447,28 @@ def _frame_pixels(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> st
     return f"{tower.image_size}x{tower.image_size}"
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op CPU threads, then restore the previous count (tests call ``main``)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run every configuration, print the table and write ``--out``; returns the exit code."""
     p = parser()
     args = resolve(p, p.parse_args(argv))
+    with _torch_threads(args.threads):
+        return run(p, args)
+
+
+def run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The benchmark proper (or the ``--dry-run`` summary) for resolved options."""
     label = args.model or args.arch
 
     if args.dry_run:
@@ -479,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measure(model, inputs, method, retention, args))
         if tokenreduce.is_patched(model):
             tokenreduce.unpatch(model)
-        gc.collect()
-        if device.type == "cuda":
+        if device.type == "cuda":  # hand the last configuration's blocks back before the next one
+            gc.collect()
             torch.cuda.empty_cache()
     add_ratios(rows)
 

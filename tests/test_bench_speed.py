@@ -23,7 +23,7 @@ def _load_speed():
 def test_quick_cpu_run_writes_every_configuration(tmp_path, capsys):
     speed = _load_speed()
     assert speed.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--retentions", "0.3",
-                       "--decode-tokens", "2"]) == 0
+                       "--decode-tokens", "2", "--threads", "1"]) == 0
     report = json.loads((tmp_path / "speed.json").read_text())
     assert "| dense |" in (tmp_path / "speed.md").read_text() and "| dense |" in capsys.readouterr().out
     rows, depth = report["rows"], report["header"]["num_layers"]

@@ -37,18 +37,16 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import AutoConfig, LogitsProcessor, PreTrainedModel, Qwen2VLVideoProcessor
+from transformers import AutoConfig, LogitsProcessor, PreTrainedModel
 
 if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenreduce  # noqa: E402
-from tokenreduce import testing  # noqa: E402
 from tokenreduce.methods import make_method  # noqa: E402
 from tokenreduce.testing import FAMILIES, FRAME_SIZE, make_frames, make_inputs, tiny_model  # noqa: E402
 
@@ -133,28 +131,8 @@ def load_model(path: str, device: str | torch.device, dtype: torch.dtype, attn: 
 
 
 def build_inputs(model: PreTrainedModel, frames: Any, size: int) -> dict[str, torch.Tensor]:
-    """``make_inputs`` for one video, with Qwen-VL frames processed at ``size`` px instead of testing's cap.
-
-    ``tokenreduce.testing`` caps Qwen-VL frames at 224x224 px. Here its pixel step is wrapped so that the
-    same ``Qwen2VLVideoProcessor`` allows ``size**2`` pixels per frame; ``make_inputs`` then writes the
-    prompt (text, per-frame markers, placeholders) for the grid that processor produced.
-    """
-    if not model.config.model_type.startswith("qwen"):
-        return make_inputs(model, videos=[frames])
-    original = testing._pixels
-
-    def pixels_at_size(config: Any, videos: list, images: None) -> tuple[dict, list[int]]:
-        out, _ = original(config, videos, images)  # keeps the family's extra fields (second_per_grid_ts)
-        tower = config.vision_config
-        processor = Qwen2VLVideoProcessor(
-            patch_size=tower.patch_size, temporal_patch_size=tower.temporal_patch_size,
-            merge_size=tower.spatial_merge_size, min_pixels=FRAME_SIZE**2,
-            max_pixels=max(size, FRAME_SIZE) ** 2, cap_pixels_per_frame=False)
-        out.update(processor(videos, return_tensors="pt"))
-        return out, (out["video_grid_thw"].prod(-1) // tower.spatial_merge_size**2).tolist()
-
-    with mock.patch.object(testing, "_pixels", pixels_at_size):
-        return make_inputs(model, videos=[frames])
+    """``make_inputs`` for one video, Qwen-VL frames processed at up to ``size`` x ``size`` pixels."""
+    return make_inputs(model, videos=[frames], max_pixels=max(size, FRAME_SIZE) ** 2)
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype

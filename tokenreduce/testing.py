@@ -155,12 +155,13 @@ def _anyres_tokens(config: PretrainedConfig, height: int, width: int) -> int:
     return side * side + cur_h * (cur_w + 1)
 
 
-def _pixels(config: PretrainedConfig, videos: list | None, images: list | None) -> tuple[dict, list[int]]:
+def _pixels(config: PretrainedConfig, videos: list | None, images: list | None, max_pixels: int
+            ) -> tuple[dict, list[int]]:
     """Real processor outputs for the visual inputs and the placeholder count of each sample."""
     family, tower, is_video = config.model_type, config.vision_config, videos is not None
     if family.startswith("qwen"):
         kwargs = {"patch_size": tower.patch_size, "temporal_patch_size": tower.temporal_patch_size}
-        kwargs.update(merge_size=tower.spatial_merge_size, min_pixels=FRAME_SIZE**2, max_pixels=224**2)
+        kwargs.update(merge_size=tower.spatial_merge_size, min_pixels=FRAME_SIZE**2, max_pixels=max_pixels)
         if is_video:  # cap_pixels_per_frame must be explicit, else transformers warns about a future default
             processor = transformers.Qwen2VLVideoProcessor(**kwargs, cap_pixels_per_frame=False)
             out = dict(processor(videos, return_tensors="pt"))
@@ -199,9 +200,12 @@ def make_inputs(
     images: list[np.ndarray] | None = None,
     text_lens: list[int] | None = None,
     seed: int = 0,
+    max_pixels: int = 224**2,
 ) -> dict[str, torch.Tensor]:
     """Left-padded batch, one prompt per sample: ``PREFIX_LEN`` text tokens, the sample's visual tokens,
-    then ``text_lens[i]`` question tokens (default 8). Without videos/images the prompts are text-only.
+    then ``text_lens[i]`` question tokens (default 8). ``max_pixels`` caps a Qwen-VL frame's pixels (the
+    processors' own knob); LLaVA frames always take the tower's native size. Without videos/images the
+    prompts are text-only.
 
     Returns a plain dict for ``model(**inputs)`` / ``model.generate(**inputs)``. LLaVA videos in one batch
     must share their shape (the processor stacks them).
@@ -217,7 +221,7 @@ def make_inputs(
     text_lens = text_lens or [8] * batch
     if len(text_lens) != batch:
         raise ValueError(f"text_lens has {len(text_lens)} entries for a batch of {batch}")
-    pixels, counts = _pixels(config, videos, images) if visuals is not None else ({}, [0] * batch)
+    pixels, counts = _pixels(config, videos, images, max_pixels) if visuals is not None else ({}, [0] * batch)
 
     is_qwen = config.model_type.startswith("qwen")
     image_id, video_id = visual_token_ids(model)

@@ -8,7 +8,7 @@ from conftest import last_logits, video_inputs
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import tokenreduce
-from tokenreduce.testing import tiny_model
+from tokenreduce.testing import make_inputs, tiny_model
 
 
 def hook_count(model) -> int:
@@ -33,6 +33,7 @@ def test_patch_returns_model_and_method_object_works():
     ({"retention": 0.0}, ValueError), ({"retention": 1.5}, ValueError), ({"retention": -0.1}, ValueError),
     ({"retention": "0.3"}, ValueError), ({"retention": 0.3, "cost": 0.3}, ValueError),
     ({"similarity_threshold": 2.0}, ValueError), ({"ratio_lower_bound": -1}, ValueError),
+    ({"similarity_threshold": 0.6, "similarity_lower_bound": 0.8}, ValueError),
     ({"merge_layers": 0}, ValueError), ({"merge_layers": 4}, ValueError), ({"bogus": 1}, TypeError),
 ])
 def test_bad_framefusion_options(options, error):
@@ -126,3 +127,13 @@ def test_labels_and_static_cache_are_refused_clearly():
         model(**inputs, labels=inputs["input_ids"])
     with pytest.raises(ValueError, match="DynamicCache"), torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_direct_encoder_calls_leave_no_stale_inputs():
+    model = tiny_model("qwen2_vl")
+    video = video_inputs(model)
+    tokenreduce.patch(model, "framefusion")
+    with torch.no_grad():
+        model.model.get_video_features(video["pixel_values_videos"], video["video_grid_thw"])
+        model(**make_inputs(model, text_lens=[6]))  # text-only: must not see the video's grid
+    assert tokenreduce.stats(model).visual_tokens_in == [0]

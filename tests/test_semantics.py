@@ -242,3 +242,42 @@ def test_accelerate_hooks_on_every_module_keep_working():
         with torch.no_grad():
             results.append((last_logits(model, inputs), model.generate(**inputs, max_new_tokens=3, do_sample=False)))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_beams_and_multiple_sequences(family):
+    """generate() copies each prompt for beams / num_return_sequences after encoding the video once:
+    every copy gets the same selection as its original."""
+    model = tiny_model(family)
+    inputs = video_inputs(model)
+    tokenreduce.patch(model, "framefusion", retention=0.3)
+    with torch.no_grad():
+        single = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        kept = tokenreduce.stats(model).kept_indices[0]
+        beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    s = tokenreduce.stats(model)
+    assert beams.shape[0] == 2 and beams.shape[1] <= single.shape[1]
+    assert s.kept_indices == [kept, kept]
+
+
+def test_generate_without_cache_runs_and_reduces_every_step():
+    model = tiny_model("qwen2_vl")
+    inputs = video_inputs(model)
+    tokenreduce.patch(model, "fastv", retention=0.5)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=False)
+    s = tokenreduce.stats(model)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert s.sequence_length == inputs["input_ids"].shape[1] + 2  # the last step's prompt, reduced again
+    assert s.visual_tokens_kept == [8]
+
+
+@pytest.mark.parametrize("name", ["framefusion", "fastv"])
+def test_last_prompt_token_is_never_removed(name):
+    model = tiny_model("llava_next_video")
+    inputs = make_inputs(model, videos=[make_frames(8, static=True)], text_lens=[0])  # prompt ends in video
+    tokenreduce.patch(model, name, retention=0.1)
+    with torch.no_grad():
+        model(**inputs)
+    last = inputs["input_ids"].shape[1] - 1
+    assert all(rows[-1] == last for rows in tokenreduce.stats(model).kept_indices[0])

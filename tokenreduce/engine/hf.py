@@ -117,8 +117,9 @@ class HFEngine:
         self.record: Record | None = None
         self.timer: Timer | None = None
         self.handles: list[Any] = []
-        self.seen_visual: dict[str, torch.Tensor] = {}
+        self.generation: dict[str, Any] | None = None  # visual inputs generate() encoded, its expand size
         self.recording = False
+        self.in_forward = False
         self.wrapped: list[tuple[nn.Module, str]] = []
 
     # installation ---------------------------------------------------------------------------
@@ -126,9 +127,11 @@ class HFEngine:
         base = self.adapter.base_model(self.model)
         self.handles.append(self.model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
         self.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
-        self.handles.append(base.register_forward_hook(lambda *_: self.seen_visual.clear()))
+        self.handles.append(base.register_forward_hook(lambda *_: setattr(self, "in_forward", False)))
         for name in ("get_image_features", "get_video_features"):
             self._record_calls(base, name)
+        self._wrap(self.model, "generate", self._generate)
+        self._wrap(self.model, "_expand_inputs_for_generation", self._expand)
         if self.adapter.deepstack:
             self._wrap(self.adapter.language_model(self.model), "_deepstack_process", self._deepstack)
         for i, layer in enumerate(self.layers):
@@ -150,19 +153,35 @@ class HFEngine:
         self.text_config._attn_implementation = self.original_attention
         self.state = None
 
+    def _generate(self, original, *args: Any, **kwargs: Any):
+        """``generate`` (transformers >= 5.2x) encodes images and videos once, before any forward, and
+        then drops their grids and pixels from the forwards' arguments: keep what it encoded, and by
+        how much it expanded the batch (beams, num_return_sequences), for the whole call."""
+        outer, self.generation = self.generation, {"visual": {}, "expand": 1}
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.generation = outer
+
+    def _expand(self, original, *args: Any, **kwargs: Any):
+        if self.generation is not None:
+            self.generation["expand"] = kwargs.get("expand_size", args[0] if args else 1)
+        return original(*args, **kwargs)
+
     def _record_calls(self, base: nn.Module, name: str) -> None:
-        """Remember the tensors passed to ``base.<name>``: ``generate`` (transformers >= 5.2x)
-        encodes images and videos before the forward and then drops their grids and pixels from
-        the forward's arguments. What is recorded during a forward is forgotten at its end."""
+        """Remember the tensors ``generate`` passes to ``base.<name>`` before its forwards (see
+        ``_generate``); calls made inside a forward or outside ``generate`` are not recorded."""
         if getattr(base, name, None) is None:
             return
         signature = inspect.signature(getattr(base, name))
 
         def recorder(fn, *args: Any, **kwargs: Any):
-            if self.recording:  # an encoder calling another (Qwen3-VL: videos through the image path)
+            # an encoder calling another (Qwen3-VL: videos through the image path) records once
+            if self.recording or self.in_forward or self.generation is None:
                 return fn(*args, **kwargs)
             bound = signature.bind_partial(*args, **kwargs)
-            self.seen_visual.update({k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)})
+            seen = {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+            self.generation["visual"].update(seen)
             self.recording = True
             try:
                 return fn(*args, **kwargs)
@@ -200,16 +219,20 @@ class HFEngine:
     # hooks -----------------------------------------------------------------------------------
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         cache = _cache_of(kwargs)
+        self.in_forward = True
         if cache is not None and cache.get_seq_length() > 0:
             self.state = None
             if self.record is not None:
                 self.record.decode_steps += 1
             return
-        inputs = {**self.seen_visual, **{k: v for k, v in kwargs.items() if v is not None}}
-        self.seen_visual = {}
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        recorded = self.generation["visual"] if self.generation else {}
+        # recorded inputs predate generate()'s batch expansion; the forward's own are expanded already
+        repeat = self.generation["expand"] if set(recorded) - set(given) else 1
+        inputs = {**recorded, **given}
         if args and "input_ids" not in kwargs:
             inputs["input_ids"] = args[0]
-        layout = self.adapter.build_layout(self.model, inputs)
+        layout = self.adapter.build_layout(self.model, inputs, repeat)
         if layout is None:
             self.state = None
             return
@@ -276,6 +299,8 @@ class HFEngine:
             return hidden
         rows_ar = step.row_index()
         dest = torch.where(st.rows >= 0, selection.dest.to(st.rows.device), -1)
+        # every sample's last row is its last prompt token, whose logits generate() reads: never removed
+        dest[:, -1] = torch.where(st.rows[:, -1] >= 0, rows_ar[:, -1], -1)
         keep = dest == rows_ar
         merged = (dest >= 0) & ~keep
         if not bool(merged.any()) and bool((keep == (st.rows >= 0)).all()):

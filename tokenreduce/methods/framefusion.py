@@ -39,7 +39,7 @@ class FrameFusion(Method):
 
     retention: float | None = None
     cost: float | None = None
-    similarity_threshold: float = 0.6
+    similarity_threshold: float | None = None
     similarity_lower_bound: float | None = None
     ratio_lower_bound: float = 0.1
     merge_layers: int = 3
@@ -53,11 +53,13 @@ class FrameFusion(Method):
         check_fraction("retention", self.retention, allow_none=True)
         check_fraction("cost", self.cost, allow_none=True)
         if self.similarity_lower_bound is not None:
-            if self.similarity_threshold not in (0.6, self.similarity_lower_bound):
+            if self.similarity_threshold not in (None, self.similarity_lower_bound):
                 raise ValueError("framefusion: similarity_lower_bound is an alias of similarity_threshold; "
                                  "give one of them")
             self.similarity_threshold = self.similarity_lower_bound
-        if not -1 <= self.similarity_threshold <= 1:
+        if self.similarity_threshold is None:
+            self.similarity_threshold = 0.6
+        if not isinstance(self.similarity_threshold, (int, float)) or not -1 <= self.similarity_threshold <= 1:
             raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold!r}")
         if not 0 <= self.ratio_lower_bound <= 1:
             raise ValueError(f"ratio_lower_bound must be in [0, 1], got {self.ratio_lower_bound!r}")

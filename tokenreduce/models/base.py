@@ -55,14 +55,16 @@ class ModelAdapter:
         cfg = model.config
         return {IMAGE: cfg.image_token_id, VIDEO: cfg.video_token_id}
 
-    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[int]]]
-                   ) -> dict[int, list[list[ItemSpec]]]:
-        """Per kind, per sample, the spec of each image or video, in prompt order."""
+    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[int]]],
+                   repeat: int = 1) -> dict[int, list[list[ItemSpec]]]:
+        """Per kind, per sample, the spec of each image or video, in prompt order. ``repeat`` > 1:
+        the batch holds each sample ``repeat`` times in a row but the pixel inputs describe each once."""
         raise NotImplementedError
 
-    def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> TokenLayout | None:
+    def build_layout(self, model: nn.Module, kwargs: dict[str, Any], repeat: int = 1) -> TokenLayout | None:
         """The layout of the prompt in ``kwargs`` (the base model's forward arguments), or None
-        when the forward carries no ``input_ids`` (decoding from embeddings)."""
+        when the forward carries no ``input_ids`` (decoding from embeddings). ``repeat``: see
+        :meth:`item_specs`."""
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
@@ -80,7 +82,7 @@ class ModelAdapter:
         frame, cell = item.clone(), item.clone()
         token_ids = self.token_ids(model)
         runs = {k: [_runs(ids[b] == tid) for b in range(ids.shape[0])] for k, tid in token_ids.items()}
-        specs = self.item_specs(model, kwargs, runs)
+        specs = self.item_specs(model, kwargs, runs, repeat)
         grids: list[list[tuple[int, int, int, int]]] = [[] for _ in range(ids.shape[0])]
         for b in range(ids.shape[0]):
             items = []  # (first run's start, kind, spec, its runs)
@@ -123,10 +125,15 @@ def _runs(mask: torch.Tensor) -> list[list[int]]:
     return [[int(s), int(e - s)] for s, e in zip(starts, ends, strict=True)]
 
 
-def split_per_sample(runs: list[list[list[int]]], specs: list[ItemSpec], what: str) -> list[list[ItemSpec]]:
-    """Hand out batch-ordered item specs to the samples, each item taking ``spec.runs`` runs."""
+def split_per_sample(runs: list[list[list[int]]], specs: list[ItemSpec], what: str, repeat: int = 1
+                     ) -> list[list[ItemSpec]]:
+    """Hand out batch-ordered item specs to the samples, each item taking ``spec.runs`` runs; with
+    ``repeat`` > 1 each described sample stands for ``repeat`` consecutive copies in the batch."""
     out, pos = [], 0
     for b, sample_runs in enumerate(runs):
+        if b % repeat:  # a copy of the sample before it
+            out.append(out[-1])
+            continue
         taken, mine = 0, []
         while taken < len(sample_runs) and pos < len(specs):
             mine.append(specs[pos])

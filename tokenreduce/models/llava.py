@@ -19,8 +19,8 @@ class LlavaVideoAdapter(ModelAdapter):
     name = "llava-video"
     classes = ("LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
 
-    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]]
-                   ) -> dict[int, list[list[ItemSpec]]]:
+    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]],
+                   repeat: int = 1) -> dict[int, list[list[ItemSpec]]]:
         extra = 1 if type(model).__name__.startswith("LlavaOnevision") else 0
         pixels = kwargs.get("pixel_values_videos")
         videos = []

@@ -20,15 +20,15 @@ class QwenVLAdapter(ModelAdapter):
     classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     position_scheme = "3-D M-RoPE"
 
-    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]]
-                   ) -> dict[int, list[list[ItemSpec]]]:
+    def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]],
+                   repeat: int = 1) -> dict[int, list[list[ItemSpec]]]:
         merge = model.config.vision_config.spatial_merge_size
         out = {}
         for kind, key, what in ((IMAGE, "image_grid_thw", "image"), (VIDEO, "video_grid_thw", "video")):
             grid = kwargs.get(key)
             rows = [] if grid is None else grid.tolist()
             specs = [ItemSpec(kind, t, h // merge, w // merge, runs=self.runs_per_item(kind, t)) for t, h, w in rows]
-            out[kind] = split_per_sample(runs[kind], specs, what)
+            out[kind] = split_per_sample(runs[kind], specs, what, repeat)
         return out
 
     def runs_per_item(self, kind: int, frames: int) -> int:

@@ -19,7 +19,7 @@ from tokenreduce.ops import (
 
 def test_same_cell_predecessor_pairs_same_group_in_order():
     group = torch.tensor([[-1, 0, 1, 0, 1, -1, 0, 2], [5, 5, -1, 5, 3, 3, -1, -1]])
-    pred = same_cell_predecessor(group)
+    pred = same_cell_predecessor(group, num_groups=6)
     assert pred.tolist() == [[-1, -1, -1, 1, 2, -1, 3, -1], [-1, 0, -1, 1, -1, 4, -1, -1]]
 
 

@@ -49,6 +49,7 @@ class ForwardState:
         grids = [g for sample in layout.grids for g in sample]
         self.max_frames = max((g[1] for g in grids), default=1)
         self.max_cells = max((g[2] * g[3] for g in grids), default=1)
+        self.max_items = max((len(sample) for sample in layout.grids), default=1)
         self.reducing = bool(grids)
         self.padded = not bool(layout.valid.all())
 
@@ -293,7 +294,7 @@ class HFEngine:
         step = Step(layer=idx, num_layers=self.num_layers, hidden=hidden, rows=st.rows, size=st.size,
                     kind=st.current("kind"), item=st.current("item"), frame=st.current("frame"),
                     cell=st.current("cell"), importance=importance, visual_in=st.visual_in,
-                    max_frames=st.max_frames, max_cells=st.max_cells, memo=st.memo)
+                    max_frames=st.max_frames, max_cells=st.max_cells, max_items=st.max_items, memo=st.memo)
         selection = self.method.reduce(step)
         if selection is None:
             return hidden
@@ -303,12 +304,17 @@ class HFEngine:
         dest[:, -1] = torch.where(st.rows[:, -1] >= 0, rows_ar[:, -1], -1)
         keep = dest == rows_ar
         merged = (dest >= 0) & ~keep
-        if not bool(merged.any()) and bool((keep == (st.rows >= 0)).all()):
+        dropped = (st.rows >= 0) & (dest < 0)
+        counts = keep.sum(dim=1)
+        # the one host sync of a reduction step: is there work, and how long is the result
+        any_merged, any_dropped, low, high = torch.stack(
+            [merged.any(), dropped.any(), counts.min(), counts.max()]).tolist()
+        if not any_merged and not any_dropped:
             return hidden
         size = st.size
-        if bool(merged.any()):
+        if any_merged:
             hidden, size = weighted_merge(hidden, size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device))
-        index, valid, target, padded = compaction_index(keep)
+        index, valid, target, padded = compaction_index(keep, (low, high))
         rows = torch.where(valid, st.rows.gather(1, index), -1)
         lives_in = torch.where(st.owner >= 0, dest.gather(1, st.owner.clamp(min=0)), -1)
         owner = torch.where(lives_in >= 0, target.gather(1, lives_in.clamp(min=0)), -1)
@@ -336,7 +342,7 @@ class HFEngine:
         st = self.state
         dev = mask.device if mask is not None else st.rows.device
         rows = st.rows.to(dev)
-        out = select_mask(mask, rows.clamp(min=0), rows >= 0, rows, past=0)
+        out = select_mask(mask, rows.clamp(min=0), rows >= 0, rows, past=0, padded=st.padded)
         if out is not None and self.text_config._attn_implementation.startswith("tokenreduce_flash"):
             raise ValueError("tokenreduce: a padded or ragged batch needs attn_implementation='sdpa' or 'eager'")
         return out
@@ -351,4 +357,4 @@ class HFEngine:
         new = torch.arange(past, past + q_len, device=dev).expand(bsz, -1)
         k_pos = torch.cat([layer.positions.to(dev), new], dim=1)
         q_idx = torch.arange(q_len, device=dev).expand(bsz, -1)
-        return select_mask(mask, q_idx, torch.ones_like(q_idx, dtype=torch.bool), k_pos, past)
+        return select_mask(mask, q_idx, torch.ones_like(q_idx, dtype=torch.bool), k_pos, past, padded=layer.padded)

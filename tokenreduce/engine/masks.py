@@ -6,18 +6,20 @@ import torch
 
 
 def select_mask(mask: torch.Tensor | None, q_idx: torch.Tensor, q_valid: torch.Tensor, k_pos: torch.Tensor,
-                past: int) -> torch.Tensor | None:
+                past: int, padded: bool = True) -> torch.Tensor | None:
     """The model's mask restricted to the rows a reduced layer processes.
 
     ``mask`` is what the model built for the whole chunk (``[B|1, 1, Lq, past + Lq]``, bool for
     SDPA, additive float for eager) or None (plain causal, no padding). ``q_idx`` ``[B, Lq']``
     are the chunk rows that become queries, ``k_pos`` ``[B, Lk']`` the logical positions of the
     keys this layer attends to (-1 for padding rows). Padding query rows may attend to every key
-    so that their (ignored) outputs stay finite. Returns None where plain causal is exact.
+    so that their (ignored) outputs stay finite. Returns None where plain causal is exact;
+    ``padded=False`` (the caller knows there is no padding row) decides that without a host sync.
     """
     k_valid = k_pos >= 0
     q_len, k_len = q_idx.shape[1], k_pos.shape[1]
-    if mask is None and bool(k_valid.all()) and bool(q_valid.all()) and (q_len == k_len or q_len == 1):
+    if mask is None and (q_len == k_len or q_len == 1) and (
+            not padded or (bool(k_valid.all()) and bool(q_valid.all()))):
         return None
     kp = k_pos.clamp(min=0)
     if mask is None:

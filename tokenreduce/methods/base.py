@@ -18,8 +18,9 @@ class Step:
     tokens each row stands for; ``kind``/``item``/``frame``/``cell`` describe the current rows
     (the layout gathered at ``rows``); ``importance`` ``[B, L]`` is the attention the last query
     rows paid to each current row in the previous layer (None unless the method asked for it);
-    ``visual_in`` ``[B]`` counts each sample's visual tokens before any reduction; ``max_frames``
-    and ``max_cells`` bound frames per item and cells per frame (known on the host); ``memo`` keeps
+    ``visual_in`` ``[B]`` counts each sample's visual tokens before any reduction; ``max_frames``,
+    ``max_cells`` and ``max_items`` bound frames per item, cells per frame and items per sample
+    (known on the host, so methods need no sync to size things); ``memo`` keeps
     a method's per-forward state between layers.
     """
 
@@ -36,6 +37,7 @@ class Step:
     visual_in: torch.Tensor
     max_frames: int
     max_cells: int
+    max_items: int
     memo: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -98,12 +98,13 @@ class FrameFusion(Method):
         n_visual = visual.sum(dim=1)
         target = self._target(step, n_visual)
         dest = rows
-        if bool(memo["pending"].any()):  # prune samples whose merging stopped in the previous layer
+        # both branches run masked by sample (no host sync): a sample is pruning or merging or done
+        if step.layer > 0:  # prune samples whose merging stopped in the previous layer
             pending = visual & memo["pending"][:, None]
             keep = topk_mask(step.importance, pending, target)
             dest = torch.where(pending & ~keep, -1, dest)
             memo["pending"] = torch.zeros_like(memo["pending"])
-        if step.layer < self.merge_layers and bool(memo["active"].any()):
+        if step.layer < self.merge_layers:
             merge, fold = self._merge(step, target, n_visual)
             dest = torch.where(merge, fold, dest)
         kept = ((dest == rows) & visual).sum(dim=1)
@@ -117,7 +118,8 @@ class FrameFusion(Method):
         active = memo["active"]
         span = step.max_cells
         candidate = step.visual & (step.frame >= 0) & active[:, None]
-        pred = same_cell_predecessor(torch.where(candidate, step.item * span + step.cell, -1))
+        group = torch.where(candidate, step.item * span + step.cell, -1)
+        pred = same_cell_predecessor(group, step.max_items * span)
         sim = adjacent_cosine(step.hidden, pred)
         mergeable = candidate & (pred >= 0) & (sim >= self.similarity_threshold)
         n_merge = mergeable.sum(dim=1)

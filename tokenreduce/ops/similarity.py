@@ -6,17 +6,18 @@ import torch
 import torch.nn.functional as F
 
 
-def same_cell_predecessor(group: torch.Tensor) -> torch.Tensor:
+def same_cell_predecessor(group: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Row index of the previous row of the same sample with the same ``group`` id, or -1.
 
-    ``group`` ``[B, L]`` holds a per-sample id of (item, cell) for candidate rows and -1 elsewhere.
+    ``group`` ``[B, L]`` holds a per-sample id in ``[0, num_groups)`` of (item, cell) for candidate
+    rows and -1 elsewhere.
     Rows are in original order, so within an item the predecessor is the nearest earlier
     remaining frame's token at the same cell. One stable sort, no loop over frames.
     """
     bsz, length = group.shape
     if length == 0:
         return group.clone()
-    span = int(group.max().clamp(min=0)) + 1 if group.numel() else 1
+    span = num_groups
     rows = torch.arange(length, device=group.device)
     base = torch.arange(bsz, device=group.device)[:, None] * (span + length)
     # non-candidates get ids of their own (span + row) so they never pair up

@@ -48,7 +48,7 @@ if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout witho
 
 import tokenreduce  # noqa: E402
 from tokenreduce.methods import make_method  # noqa: E402
-from tokenreduce.testing import FAMILIES, FRAME_SIZE, make_frames, make_inputs, tiny_model  # noqa: E402
+from tokenreduce.testing import FAMILIES, FRAME_SIZE, make_frames, make_inputs, tiny_model, to_device  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # architectures: tiny_model overrides giving the published shapes (weights are random)
@@ -133,12 +133,6 @@ def load_model(path: str, device: str | torch.device, dtype: torch.dtype, attn: 
 def build_inputs(model: PreTrainedModel, frames: Any, size: int) -> dict[str, torch.Tensor]:
     """``make_inputs`` for one video, Qwen-VL frames processed at up to ``size`` x ``size`` pixels."""
     return make_inputs(model, videos=[frames], max_pixels=max(size, FRAME_SIZE) ** 2)
-
-
-def to_device(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
-              ) -> dict[str, torch.Tensor]:
-    """Move the batch; pixel tensors take the model's dtype."""
-    return {k: (v.to(dtype) if k.startswith("pixel_values") else v).to(device) for k, v in inputs.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tokenreduce.video import read_video
 def test_methods_lists_methods_and_options(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "framefusion:" in out and "fastv:" in out
+    assert "framefusion (acts at: embed, layer):" in out and "fastv (acts at: layer):" in out
     assert "retention: float | None = 0.3" in out and "layer: int = 2" in out
 
 

@@ -8,7 +8,7 @@ from .engine.stats import Stats
 from .methods import Method, make_method
 from .models import adapter_for
 
-_ATTR = "_tokenreduce_engine"
+_ATTR = "_tokenreduce_engine"  # the same name the engine puts on attention modules (engine.attention)
 
 
 def patch(model: nn.Module, method: str | Method, **options) -> nn.Module:
@@ -33,12 +33,16 @@ def patch(model: nn.Module, method: str | Method, **options) -> nn.Module:
     return model
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Remove tokenreduce from ``model``: every hook, the attention wrapper, the engine."""
+def _engine(model: nn.Module):
     engine = getattr(model, _ATTR, None)
     if engine is None:
-        raise ValueError("this model is not patched by tokenreduce")
-    engine.remove()
+        raise ValueError("this model is not patched by tokenreduce; call tokenreduce.patch first")
+    return engine
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove tokenreduce from ``model``: every hook, the attention wrapper, the engine."""
+    _engine(model).remove()
     delattr(model, _ATTR)
     return model
 
@@ -49,9 +53,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def stats(model: nn.Module) -> Stats:
     """What the last prefill of a patched model did (see :class:`Stats`)."""
-    engine = getattr(model, _ATTR, None)
-    if engine is None:
-        raise ValueError("this model is not patched by tokenreduce; call tokenreduce.patch first")
+    engine = _engine(model)
     if engine.record is None:
         raise RuntimeError("no forward pass has run since tokenreduce.patch")
     return engine.record.stats()

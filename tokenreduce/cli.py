@@ -19,7 +19,7 @@ import torch
 
 from . import api
 from .methods import REGISTRY, make_method
-from .testing import FAMILIES, make_inputs, tiny_model
+from .testing import FAMILIES, make_inputs, tiny_model, to_device
 from .video import IMAGES, MOTIONS, read_video, write_demo_video
 from .viz import save_kept_patches, save_layer_tokens
 
@@ -71,7 +71,7 @@ def _add_methods(commands: argparse._SubParsersAction) -> None:
 def run_methods(args: argparse.Namespace) -> int:
     """Print every registered method, its description and its options with their defaults."""
     for name, cls in REGISTRY.items():
-        print(f"{name}: {cls.description}")
+        print(f"{name} (acts at: {', '.join(cls.stages)}): {cls.description}")
         defaults = cls().options()  # after validation, so derived defaults (e.g. a budget) show
         for field in dataclasses.fields(cls):
             kind = field.type if isinstance(field.type, str) else field.type.__name__
@@ -212,7 +212,7 @@ def _load_tiny(
 ) -> tuple[PreTrainedModel, dict, None]:
     """A tiny random-weight model of ``family`` and its inputs (random prompt ids around the video)."""
     model = tiny_model(family, dtype=dtype).to(device)
-    return model, _to_device(make_inputs(model, videos=[frames]), device, dtype), None
+    return model, to_device(make_inputs(model, videos=[frames]), device, dtype), None
 
 
 def _load_pretrained(
@@ -237,7 +237,7 @@ def _load_pretrained(
     def decode(ids: list[int]) -> str:
         return processor.batch_decode([ids], skip_special_tokens=True)[0]
 
-    return model, _to_device(dict(inputs), device, dtype), decode
+    return model, to_device(dict(inputs), device, dtype), decode
 
 
 def _timed_generate(
@@ -333,13 +333,6 @@ def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devi
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available")
     return device, getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-
-
-def _to_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors moved to ``device``, pixels cast to the model's ``dtype`` (timings such as Qwen2.5-VL's
-    ``second_per_grid_ts`` keep their precision)."""
-    return {key: value.to(device, dtype) if key.startswith("pixel_values") else value.to(device)
-            for key, value in inputs.items()}
 
 
 def _user_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:

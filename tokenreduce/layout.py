@@ -9,6 +9,29 @@ import torch
 PAD, TEXT, IMAGE, VIDEO = -1, 0, 1, 2
 
 
+@dataclass(frozen=True)
+class ItemSpec:
+    """One image or video as the LLM sees it: ``frames`` x ``grid_h`` x ``grid_w`` tokens plus
+    ``extra`` trailing tokens that belong to no frame (LLaVA-OneVision's video newline), spread
+    over ``runs`` consecutive runs of placeholder tokens (Qwen3-VL: one run per frame, with a
+    timestamp between frames; everyone else: one run)."""
+
+    kind: int
+    frames: int
+    grid_h: int
+    grid_w: int
+    extra: int = 0
+    runs: int = 1
+
+    @property
+    def cells(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames * self.cells + self.extra
+
+
 @dataclass
 class TokenLayout:
     """Per sample and position of a prompt batch ``[B, L]``.
@@ -17,14 +40,16 @@ class TokenLayout:
     (-1 for text). ``frame`` is the frame (temporal patch) inside the item, -1 for tokens that
     belong to no frame (text, a video's trailing newline token). ``cell`` is the spatial index
     inside the frame (``row * grid_w + col``), -1 where there is none. ``grids`` lists, per
-    sample and item, ``(kind, frames, grid_h, grid_w)`` so that pictures can be drawn.
+    sample, the :class:`ItemSpec` of each item; ``padded`` says whether any position is padding
+    (known on the host, so the engine never has to ask the device).
     """
 
     kind: torch.Tensor
     item: torch.Tensor
     frame: torch.Tensor
     cell: torch.Tensor
-    grids: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
+    grids: list[list[ItemSpec]] = field(default_factory=list)
+    padded: bool = False
 
     @property
     def visual(self) -> torch.Tensor:
@@ -38,13 +63,14 @@ class TokenLayout:
     def shape(self) -> torch.Size:
         return self.kind.shape
 
-    def visual_counts(self) -> torch.Tensor:
-        """Visual tokens per sample, ``[B]``."""
-        return self.visual.sum(dim=1)
-
     @classmethod
-    def text_only(cls, attention_mask: torch.Tensor) -> TokenLayout:
-        kind = torch.where(attention_mask.bool(), TEXT, PAD).to(torch.int8)
+    def text_only(cls, valid: torch.Tensor) -> TokenLayout:
+        """All text (``valid`` ``[B, L]`` bool, False = padding); adapters then fill in visual runs."""
+        kind = torch.where(valid, TEXT, PAD).to(torch.int8)
         minus = torch.full(kind.shape, -1, dtype=torch.long, device=kind.device)
         return cls(kind=kind, item=minus, frame=minus.clone(), cell=minus.clone(),
-                   grids=[[] for _ in range(kind.shape[0])])
+                   grids=[[] for _ in range(kind.shape[0])], padded=not bool(valid.all()))
+
+    def to(self, device: torch.device) -> TokenLayout:
+        return TokenLayout(kind=self.kind.to(device), item=self.item.to(device), frame=self.frame.to(device),
+                           cell=self.cell.to(device), grids=self.grids, padded=self.padded)

@@ -258,3 +258,10 @@ def make_inputs(
         inputs["mm_token_type_ids"][input_ids == image_id] = 1
         inputs["mm_token_type_ids"][input_ids == video_id] = 2
     return {**inputs, **pixels}
+
+
+def to_device(inputs: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype
+              ) -> dict[str, torch.Tensor]:
+    """The batch on ``device``, pixel tensors cast to the model's ``dtype`` (timings such as Qwen2.5-VL's
+    ``second_per_grid_ts`` and all ids keep theirs)."""
+    return {k: v.to(device, dtype) if k.startswith("pixel_values") else v.to(device) for k, v in inputs.items()}

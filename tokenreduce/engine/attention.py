@@ -17,6 +17,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 PREFIX = "tokenreduce_"
+ENGINE_ATTR = "_tokenreduce_engine"  # set on attention modules (and on the patched model) by the engine
 
 
 def _backend(module: nn.Module, original: str):
@@ -35,7 +36,7 @@ def wrapped_attention(original: str) -> str:
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any):
-        engine = getattr(module, "_tokenreduce_engine", None)
+        engine = getattr(module, ENGINE_ATTR, None)
         if engine is not None:
             engine.observe_attention(module, query, key, kwargs)
         return _backend(module, original)(module, query, key, value, attention_mask, **kwargs)

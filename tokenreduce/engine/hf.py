@@ -24,7 +24,7 @@ from ..layout import PAD, TokenLayout
 from ..methods.base import Method, Step
 from ..models import ModelAdapter
 from ..ops import compaction_index, last_query_importance, take_rows, weighted_merge
-from .attention import wrapped_attention
+from .attention import ENGINE_ATTR, wrapped_attention
 from .cache import ReducedDynamicLayer, check_reducible
 from .masks import select_mask
 from .stats import Record
@@ -38,20 +38,19 @@ class ForwardState:
         self.layout = layout
         length = layout.shape[1]
         ar = torch.arange(length, device=layout.kind.device).expand(layout.shape[0], -1)
-        self.rows = torch.where(layout.valid, ar, -1)
-        self.owner = self.rows  # [B, L_orig]: the current row each original token lives in (-1: dropped)
+        self.rows = self.owner = torch.where(layout.valid, ar, -1)
         self.size = torch.ones(layout.shape, dtype=torch.float32, device=layout.kind.device)
+        self.padded = layout.padded
         self.version = 0
+        self._derive()
         self.memo: dict[str, Any] = {}
         self.importance: tuple[int, torch.Tensor] | None = None
-        self.slices: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self.visual_in = layout.visual_counts()
-        grids = [g for sample in layout.grids for g in sample]
-        self.max_frames = max((g[1] for g in grids), default=1)
-        self.max_cells = max((g[2] * g[3] for g in grids), default=1)
+        self.visual_in = layout.visual.sum(dim=1)
+        items = [spec for sample in layout.grids for spec in sample]
+        self.max_frames = max((spec.frames for spec in items), default=1)
+        self.max_cells = max((spec.cells for spec in items), default=1)
         self.max_items = max((len(sample) for sample in layout.grids), default=1)
-        self.reducing = bool(grids)
-        self.padded = not bool(layout.valid.all())
+        self.reducing = bool(items)
 
     def cached(self, kind: str, obj: Any, make) -> Any:
         """``make(obj)``, computed once per rows version and source object."""
@@ -63,19 +62,25 @@ class ForwardState:
         return out
 
     def set_rows(self, rows: torch.Tensor, size: torch.Tensor, padded: bool, owner: torch.Tensor) -> None:
+        """New current rows; ``owner`` ``[B, L_orig]`` is the current row each original token lives in
+        (-1: dropped)."""
         self.rows, self.size, self.padded, self.owner = rows, size, padded, owner
         self.version += 1
-        self.slices.clear()
+        self._derive()
+
+    def _derive(self) -> None:
+        """What every hook reads about the current rows, computed once per version."""
+        self.valid, self.index = self.rows >= 0, self.rows.clamp(min=0)
+        self.slices: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def current(self, field: str) -> torch.Tensor:
-        src = getattr(self.layout, field)
-        out = src.gather(1, self.rows.clamp(min=0))
-        return torch.where(self.rows >= 0, out, PAD if field == "kind" else -1)
+        out = getattr(self.layout, field).gather(1, self.index)
+        return torch.where(self.valid, out, PAD if field == "kind" else -1)
 
     def query_rows(self, n: int) -> torch.Tensor:
         """The last ``n`` valid rows of each sample ``[B, n]`` (the question's tokens)."""
         ar = torch.arange(self.rows.shape[1], device=self.rows.device)
-        score = torch.where(self.rows >= 0, ar, -1)
+        score = torch.where(self.valid, ar, -1)
         top = score.topk(min(n, score.shape[1]), dim=1).values.sort(dim=1).values
         return torch.where(top >= 0, top, top.max(dim=1, keepdim=True).values).clamp(min=0)
 
@@ -137,7 +142,7 @@ class HFEngine:
             self._wrap(self.adapter.language_model(self.model), "_deepstack_process", self._deepstack)
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(partial(self._on_layer, i), with_kwargs=True))
-            layer.self_attn._tokenreduce_engine = self
+            setattr(layer.self_attn, ENGINE_ATTR, self)
         if self.score:
             self.text_config._attn_implementation = wrapped_attention(self.original_attention)
 
@@ -149,8 +154,8 @@ class HFEngine:
             delattr(obj, name)
         self.wrapped.clear()
         for layer in self.layers:
-            if getattr(layer.self_attn, "_tokenreduce_engine", None) is self:
-                del layer.self_attn._tokenreduce_engine
+            if getattr(layer.self_attn, ENGINE_ATTR, None) is self:
+                delattr(layer.self_attn, ENGINE_ATTR)
         self.text_config._attn_implementation = self.original_attention
         self.state = None
 
@@ -237,10 +242,10 @@ class HFEngine:
         if layout is None:
             self.state = None
             return
-        if cache is not None and any(layout.grids):
+        self.state = ForwardState(layout)
+        if cache is not None and self.state.reducing:
             for layer in getattr(cache, "layers", ()):
                 check_reducible(layer)
-        self.state = ForwardState(layout)
         self.timer = Timer(layout.kind.device)
         self.record = Record(self.method.name, layout, self.num_layers, self.timer)
 
@@ -249,9 +254,10 @@ class HFEngine:
         cache = _cache_of(kwargs)
         st = self.state
         if st is None:  # decoding (or a chunk after the prompt): map masks onto reduced caches
-            if cache is None or not isinstance(_cache_layer(cache, idx), ReducedDynamicLayer):
+            layer = None if cache is None else _cache_layer(cache, idx)
+            if not isinstance(layer, ReducedDynamicLayer):
                 return None
-            kwargs["attention_mask"] = self._continuation_mask(_cache_layer(cache, idx), kwargs, hidden)
+            kwargs["attention_mask"] = self._continuation_mask(layer, kwargs, hidden)
             return args, kwargs
         if st.reducing and idx in self.act:
             with self.timer:
@@ -281,7 +287,7 @@ class HFEngine:
         with self.timer:
             scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
             q_index = st.query_rows(self.method.n_queries).to(query.device)
-            scores = last_query_importance(query, key, q_index, (st.rows >= 0).to(key.device), scaling)
+            scores = last_query_importance(query, key, q_index, st.valid.to(key.device), scaling)
             st.importance = (st.version, scores.to(st.rows.device))
 
     # work ------------------------------------------------------------------------------------
@@ -299,12 +305,12 @@ class HFEngine:
         if selection is None:
             return hidden
         rows_ar = step.row_index()
-        dest = torch.where(st.rows >= 0, selection.dest.to(st.rows.device), -1)
+        dest = torch.where(st.valid, selection.dest.to(st.rows.device), -1)
         # every sample's last row is its last prompt token, whose logits generate() reads: never removed
-        dest[:, -1] = torch.where(st.rows[:, -1] >= 0, rows_ar[:, -1], -1)
+        dest[:, -1] = torch.where(st.valid[:, -1], rows_ar[:, -1], -1)
         keep = dest == rows_ar
         merged = (dest >= 0) & ~keep
-        dropped = (st.rows >= 0) & (dest < 0)
+        dropped = st.valid & (dest < 0)
         counts = keep.sum(dim=1)
         # the one host sync of a reduction step: is there work, and how long is the result
         any_merged, any_dropped, low, high = torch.stack(
@@ -314,7 +320,7 @@ class HFEngine:
         size = st.size
         if any_merged:
             hidden, size = weighted_merge(hidden, size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device))
-        index, valid, target, padded = compaction_index(keep, (low, high))
+        index, valid, target, padded = compaction_index(keep, (low, high), counts)
         rows = torch.where(valid, st.rows.gather(1, index), -1)
         lives_in = torch.where(st.owner >= 0, dest.gather(1, st.owner.clamp(min=0)), -1)
         owner = torch.where(lives_in >= 0, target.gather(1, lives_in.clamp(min=0)), -1)
@@ -323,7 +329,7 @@ class HFEngine:
 
     def _slice_kwargs(self, kwargs: dict[str, Any]) -> None:
         st = self.state
-        index = st.rows.clamp(min=0)
+        index = st.index
         pe = kwargs.get("position_embeddings")
         if pe is not None:
             kwargs["position_embeddings"] = st.cached(
@@ -343,7 +349,7 @@ class HFEngine:
         dev = mask.device if mask is not None else st.rows.device
         rows = st.rows.to(dev)
         out = select_mask(mask, rows.clamp(min=0), rows >= 0, rows, past=0, padded=st.padded)
-        if out is not None and self.text_config._attn_implementation.startswith("tokenreduce_flash"):
+        if out is not None and self.original_attention.startswith("flash"):
             raise ValueError("tokenreduce: a padded or ragged batch needs attn_implementation='sdpa' or 'eager'")
         return out
 

@@ -43,7 +43,8 @@ class Stats:
         grids = self.layout.grids[sample]
         if not 0 <= item < len(grids):
             raise ValueError(f"sample {sample} has {len(grids)} images/videos; item {item} does not exist")
-        _, frames, gh, gw = grids[item]
+        spec = grids[item]
+        frames, gh, gw = spec.frames, spec.grid_h, spec.grid_w
         kept = torch.tensor(self.kept_indices[sample][layer], dtype=torch.long)
         on = torch.zeros(self.layout.shape[1], dtype=torch.bool)
         on[kept] = True
@@ -71,9 +72,12 @@ class Record:
         rows = [r.cpu() for r in self.rows if r is not None]
         visual = self.layout.visual.cpu()
         kept = [[r[b][r[b] >= 0].tolist() for r in rows] for b in range(self.layout.shape[0])]
-        last = kept and [visual[b][torch.tensor(k[-1], dtype=torch.long)].sum().item() for b, k in enumerate(kept)]
+        if rows:  # what the last layer saw
+            last = (visual.gather(1, rows[-1].clamp(min=0)) & (rows[-1] >= 0)).sum(dim=1).tolist()
+        else:  # the forward stopped before any LLM layer
+            last = visual.sum(dim=1).tolist()
         return Stats(method=self.method, sequence_length=self.layout.shape[1],
                      layer_tokens=[r.shape[1] for r in rows],
-                     visual_tokens_in=visual.sum(dim=1).tolist(), visual_tokens_kept=list(last or []),
+                     visual_tokens_in=visual.sum(dim=1).tolist(), visual_tokens_kept=last,
                      kept_indices=kept, reduce_ms=self.timer.total_ms(), decode_steps=self.decode_steps,
                      layout=self.layout)

@@ -118,7 +118,7 @@ def check_layer(name: str, value: int, minimum: int = 0) -> None:
 
 def budget(retention: float, visual_in: torch.Tensor) -> torch.Tensor:
     """Visual tokens to keep per sample: ``ceil(retention * n)`` (so retention 1.0 keeps all)."""
-    return torch.ceil(visual_in.double() * retention - 1e-9).long().clamp(min=0) if retention < 1 else visual_in
+    return torch.ceil(visual_in.double() * retention - 1e-9).long().clamp(min=0)
 
 
 __all__ = ["Method", "Selection", "Step", "budget", "check_fraction", "check_layer"]

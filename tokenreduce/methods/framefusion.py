@@ -107,8 +107,8 @@ class FrameFusion(Method):
         if step.layer < self.merge_layers:
             merge, fold = self._merge(step, target, n_visual)
             dest = torch.where(merge, fold, dest)
-        kept = ((dest == rows) & visual).sum(dim=1)
-        memo["used"] = memo["used"] + kept
+        if self.cost is not None:  # visual rows this layer will process count against the budget
+            memo["used"] = memo["used"] + ((dest == rows) & visual).sum(dim=1)
         return Selection(dest)
 
     def _merge(self, step: Step, target: torch.Tensor, n_visual: torch.Tensor

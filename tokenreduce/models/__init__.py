@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ItemSpec, ModelAdapter
+from .base import ModelAdapter
 from .llava import LlavaVideoAdapter
 from .qwen_vl import Qwen3VLAdapter, QwenVLAdapter
 
@@ -25,4 +25,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
                     f"{', '.join(supported_classes())}")
 
 
-__all__ = ["ADAPTERS", "ItemSpec", "ModelAdapter", "adapter_for", "supported_classes"]
+__all__ = ["ADAPTERS", "ModelAdapter", "adapter_for", "supported_classes"]

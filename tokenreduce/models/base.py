@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
-
-
-@dataclass(frozen=True)
-class ItemSpec:
-    """One image or video as the LLM sees it: ``frames`` x ``grid_h`` x ``grid_w`` tokens plus
-    ``extra`` trailing tokens that belong to no frame (LLaVA-OneVision's video newline), spread
-    over ``runs`` consecutive runs of placeholder tokens (Qwen3-VL: one run per frame, with a
-    timestamp between frames; everyone else: one run)."""
-
-    kind: int
-    frames: int
-    grid_h: int
-    grid_w: int
-    extra: int = 0
-    runs: int = 1
-
-    @property
-    def num_tokens(self) -> int:
-        return self.frames * self.grid_h * self.grid_w + self.extra
+from ..layout import IMAGE, VIDEO, ItemSpec, TokenLayout
 
 
 class ModelAdapter:
@@ -38,7 +18,6 @@ class ModelAdapter:
 
     name: str = ""
     classes: tuple[str, ...] = ()
-    position_scheme: str = "1-D RoPE"
     deepstack: bool = False  # the LLM adds vision features into early layers' visual rows (Qwen3-VL)
 
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -77,13 +56,11 @@ class ModelAdapter:
             valid = mask.cpu().bool()
         else:  # no mask, or one generate() prepared already (4-D / per layer type): padding unknown here
             valid = torch.ones_like(ids, dtype=torch.bool)
-        kind = torch.where(valid, TEXT, PAD).to(torch.int8)
-        item = torch.full(ids.shape, -1, dtype=torch.long)
-        frame, cell = item.clone(), item.clone()
+        layout = TokenLayout.text_only(valid)
+        kind, item, frame, cell = layout.kind, layout.item, layout.frame, layout.cell
         token_ids = self.token_ids(model)
         runs = {k: [_runs(ids[b] == tid) for b in range(ids.shape[0])] for k, tid in token_ids.items()}
         specs = self.item_specs(model, kwargs, runs, repeat)
-        grids: list[list[tuple[int, int, int, int]]] = [[] for _ in range(ids.shape[0])]
         for b in range(ids.shape[0]):
             items = []  # (first run's start, kind, spec, its runs)
             for k in token_ids:
@@ -98,7 +75,7 @@ class ModelAdapter:
                     raise ValueError(
                         f"{self.name}: sample {b} has {length} visual tokens where the pixel inputs imply "
                         f"{spec.num_tokens} ({spec}); input_ids and pixel inputs do not match")
-                per_frame, offset = spec.grid_h * spec.grid_w, 0
+                per_frame, offset = spec.cells, 0
                 for start, n in item_runs:
                     idx = torch.arange(offset, offset + n)
                     in_frame = idx < spec.frames * per_frame
@@ -108,10 +85,8 @@ class ModelAdapter:
                     frame[b, sl] = torch.where(in_frame, idx // per_frame, -1)
                     cell[b, sl] = torch.where(in_frame, idx % per_frame, -1)
                     offset += n
-                grids[b].append((k, spec.frames, spec.grid_h, spec.grid_w))
-        dev = input_ids.device
-        return TokenLayout(kind=kind.to(dev), item=item.to(dev), frame=frame.to(dev), cell=cell.to(dev),
-                           grids=grids)
+                layout.grids[b].append(spec)
+        return layout.to(input_ids.device)
 
 
 def _runs(mask: torch.Tensor) -> list[list[int]]:

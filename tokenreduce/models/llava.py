@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from ..layout import IMAGE, VIDEO
-from .base import ItemSpec, ModelAdapter
+from ..layout import IMAGE, VIDEO, ItemSpec
+from .base import ModelAdapter
 
 
 class LlavaVideoAdapter(ModelAdapter):

@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from ..layout import IMAGE, VIDEO
-from .base import ItemSpec, ModelAdapter, split_per_sample
+from ..layout import IMAGE, VIDEO, ItemSpec
+from .base import ModelAdapter, split_per_sample
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -18,7 +18,6 @@ class QwenVLAdapter(ModelAdapter):
 
     name = "qwen-vl"
     classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    position_scheme = "3-D M-RoPE"
 
     def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]],
                    repeat: int = 1) -> dict[int, list[list[ItemSpec]]]:

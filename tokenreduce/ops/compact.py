@@ -14,16 +14,17 @@ class Compaction(NamedTuple):
     ragged: bool  # samples kept different counts, so some output rows are padding
 
 
-def compaction_index(keep: torch.Tensor, bounds: tuple[int, int] | None = None) -> Compaction:
+def compaction_index(keep: torch.Tensor, bounds: tuple[int, int] | None = None,
+                     counts: torch.Tensor | None = None) -> Compaction:
     """Where each kept row of ``keep`` ``[B, L]`` goes in the compacted batch, and back.
 
     Kept rows stay in order and are right-aligned, so the last row of every sample is its last
     kept token (what ``generate`` reads) and shorter samples are left-padded. ``L'`` is the
     largest kept count: the one host sync a data-dependent length needs. Callers that already
-    read the (min, max) kept counts pass them as ``bounds`` to avoid a second sync.
+    read the per-sample ``counts`` and their (min, max) pass them to avoid a second sync.
     """
     bsz, length = keep.shape
-    counts = keep.sum(dim=1)
+    counts = keep.sum(dim=1) if counts is None else counts
     if bounds is None:
         bounds = tuple(torch.stack([counts.min(), counts.max()]).tolist()) if bsz else (0, 0)
     low, new_len = bounds

@@ -32,7 +32,6 @@ import math
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import AutoConfig, LogitsProcessor, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,6 +48,7 @@ if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout witho
 import tokenreduce  # noqa: E402
 from tokenreduce.methods import make_method  # noqa: E402
 from tokenreduce.testing import FAMILIES, FRAME_SIZE, make_frames, make_inputs, tiny_model, to_device  # noqa: E402
+from tokenreduce.timing import Clock, time_generate  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # architectures: tiny_model overrides giving the published shapes (weights are random)
@@ -139,29 +139,6 @@ def build_inputs(model: PreTrainedModel, frames: Any, size: int) -> dict[str, to
 # timing
 
 
-class Clock:
-    """``perf_counter`` in ms, after a CUDA synchronize when timing a GPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() * 1e3
-
-
-class StepStamps(LogitsProcessor):
-    """Stamps the clock whenever ``generate`` has logits: after the prefill, then after each decode step."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock, self.stamps = clock, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.stamps.append(self.clock.now())
-        return scores
-
-
 @dataclass
 class Row:
     """One configuration: timings (medians, ms), memory, token counts and ratios to dense."""
@@ -214,15 +191,10 @@ def measure(model: PreTrainedModel, inputs: dict[str, torch.Tensor], method: str
         t0 = clock.now()
         encoder(**vision_inputs)
         t1 = clock.now()
-        stamps = StepStamps(clock)
-        t2 = clock.now()
-        model.generate(**inputs, generation_config=generation, logits_processor=[stamps])
-        t3 = clock.now()
-        s = stamps.stamps
-        decode = [(s[-1] - s[0]) / (len(s) - 1)] if len(s) > 1 else []
+        run = time_generate(model, inputs, clock, generation_config=generation)
         reduce = tokenreduce.stats(model).reduce_ms if patched else 0.0
-        return dict(vision_ms=[t1 - t0], ttft_ms=[s[0] - t2], decode_ms=decode, generate_ms=[t3 - t2],
-                    reduce_ms=[reduce])
+        return dict(vision_ms=[t1 - t0], ttft_ms=[run.ttft_ms], decode_ms=[] if run.decode_ms is None else
+                    [run.decode_ms], generate_ms=[run.generate_ms], reduce_ms=[reduce])
 
     with torch.no_grad():
         for _ in range(args.warmup):

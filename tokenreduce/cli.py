@@ -9,7 +9,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ import torch
 from . import api
 from .methods import REGISTRY, make_method
 from .testing import FAMILIES, make_inputs, tiny_model, to_device
+from .timing import Clock, time_generate
 from .video import IMAGES, MOTIONS, read_video, write_demo_video
 from .viz import save_kept_patches, save_layer_tokens
 
@@ -244,43 +244,14 @@ def _timed_generate(
     model: PreTrainedModel, inputs: dict, args: argparse.Namespace, device: torch.device,
     decode: Callable | None,
 ) -> Generation:
-    """Greedy generation, timed ``args.repeat`` times after a 1-token warm-up (medians); the first new
-    token's arrival on the host gives the time to first token."""
+    """Greedy generation, timed ``args.repeat`` times after a 1-token warm-up (medians)."""
     model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    ttft, total = [], []
-    for _ in range(args.repeat):
-        clock = _FirstTokenClock()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        clock.start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=clock)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        total.append((time.perf_counter() - clock.start) * 1e3)
-        ttft.append(clock.ttft_ms)
-    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
-    return Generation(ids, statistics.median(ttft), statistics.median(total), decode(ids) if decode else None)
-
-
-class _FirstTokenClock:
-    """A ``generate`` streamer that notes when the first new token reaches the host. ``generate`` puts
-    the prompt first, then each new token as it is chosen (copied to the CPU, so the device has synced)."""
-
-    def __init__(self) -> None:
-        self.start = self.first = 0.0
-        self.puts = 0
-
-    def put(self, value: Any) -> None:
-        self.puts += 1
-        if self.puts == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        """Nothing to flush."""
-
-    @property
-    def ttft_ms(self) -> float:
-        return (self.first - self.start) * 1e3
+    clock = Clock(device)
+    runs = [time_generate(model, inputs, clock, max_new_tokens=args.max_new_tokens, do_sample=False)
+            for _ in range(args.repeat)]
+    ids = runs[-1].sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return Generation(ids, statistics.median(r.ttft_ms for r in runs), statistics.median(r.generate_ms for r in runs),
+                      decode(ids) if decode else None)
 
 
 def _format_report(report: dict, dense: Generation, reduced: Generation, written: list[Path]) -> str:

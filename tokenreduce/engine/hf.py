@@ -347,8 +347,7 @@ class HFEngine:
     def _prefill_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         st = self.state
         dev = mask.device if mask is not None else st.rows.device
-        rows = st.rows.to(dev)
-        out = select_mask(mask, rows.clamp(min=0), rows >= 0, rows, past=0, padded=st.padded)
+        out = select_mask(mask, st.index.to(dev), st.valid.to(dev), st.rows.to(dev), past=0, padded=st.padded)
         if out is not None and self.original_attention.startswith("flash"):
             raise ValueError("tokenreduce: a padded or ragged batch needs attn_implementation='sdpa' or 'eager'")
         return out

@@ -6,12 +6,12 @@
     tokenreduce.unpatch(model)
 """
 
-from .api import is_patched, patch, stats, unpatch
+from .api import calibrate, is_patched, load_profile, patch, save_profile, stats, unpatch
 from .engine.stats import Stats
 from .methods import FastV, FrameFusion, Method, methods
 from .models import supported_classes
 
 __version__ = "0.1.0"
 
-__all__ = ["FastV", "FrameFusion", "Method", "Stats", "is_patched", "methods", "patch", "stats",
-           "supported_classes", "unpatch"]
+__all__ = ["FastV", "FrameFusion", "Method", "Stats", "calibrate", "is_patched", "load_profile", "methods",
+           "patch", "save_profile", "stats", "supported_classes", "unpatch"]

@@ -44,7 +44,7 @@ class ForwardState:
         self.version = 0
         self._derive()
         self.memo: dict[str, Any] = {}
-        self.importance: tuple[int, torch.Tensor] | None = None
+        self.importance: dict[int, tuple[int, torch.Tensor]] = {}  # query count -> (rows version, scores)
         self.visual_in = layout.visual.sum(dim=1)
         items = [spec for sample in layout.grids for spec in sample]
         self.max_frames = max((spec.frames for spec in items), default=1)
@@ -110,13 +110,24 @@ def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> No
 class HFEngine:
     """One method installed on one model; ``remove()`` undoes everything."""
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, method: Method) -> None:
-        self.model, self.adapter, self.method = model, adapter, method
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, methods: list[Method]) -> None:
+        self.model, self.adapter, self.methods = model, adapter, methods
+        self.name = "+".join(m.name for m in methods)
         self.layers = adapter.layers(model)
         self.num_layers = len(self.layers)
-        method.check_model(self.num_layers)
-        self.act = method.act_layers(self.num_layers)
-        self.score = method.score_layers(self.num_layers)
+        self.act: dict[int, list[Method]] = {}  # layer -> the methods that reduce before it, in order
+        self.score: dict[int, set[int]] = {}  # layer -> the query counts its importance is taken with
+        for method in methods:
+            method.check_model(self.num_layers)
+            for layer in sorted(method.act_layers(self.num_layers)):
+                clash = self.act.setdefault(layer, [])
+                if clash:
+                    raise ValueError(f"{clash[0].name} and {method.name} both reduce before LLM layer {layer}: "
+                                     "methods composed with patch(model, [...]) must act at different layers "
+                                     "(change one's layer options)")
+                clash.append(method)
+            for layer in method.score_layers(self.num_layers):
+                self.score.setdefault(layer, set()).add(method.n_queries)
         self.text_config = self.layers[0].self_attn.config
         self.original_attention = self.text_config._attn_implementation
         self.state: ForwardState | None = None
@@ -158,6 +169,12 @@ class HFEngine:
                 delattr(layer.self_attn, ENGINE_ATTR)
         self.text_config._attn_implementation = self.original_attention
         self.state = None
+
+    def stats(self):
+        """What the last prefill did (see :class:`~tokenreduce.engine.stats.Stats`)."""
+        if self.record is None:
+            raise RuntimeError("no forward pass has run since tokenreduce.patch")
+        return self.record.stats()
 
     def _generate(self, original, *args: Any, **kwargs: Any):
         """``generate`` (transformers >= 5.2x) encodes images and videos once, before any forward, and
@@ -247,7 +264,7 @@ class HFEngine:
             for layer in getattr(cache, "layers", ()):
                 check_reducible(layer)
         self.timer = Timer(layout.kind.device)
-        self.record = Record(self.method.name, layout, self.num_layers, self.timer)
+        self.record = Record(self.name, layout, self.num_layers, self.timer)
 
     def _on_layer(self, idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -261,7 +278,8 @@ class HFEngine:
             return args, kwargs
         if st.reducing and idx in self.act:
             with self.timer:
-                hidden = self._reduce(idx, hidden)
+                for method in self.act[idx]:
+                    hidden = self._reduce(method, idx, hidden)
         self.record.rows[idx] = st.rows
         if st.version == 0:  # nothing reduced yet: the layer runs exactly as in the dense model
             return None
@@ -286,22 +304,26 @@ class HFEngine:
             return
         with self.timer:
             scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-            q_index = st.query_rows(self.method.n_queries).to(query.device)
-            scores = last_query_importance(query, key, q_index, st.valid.to(key.device), scaling)
-            st.importance = (st.version, scores.to(st.rows.device))
+            for n in self.score[module.layer_idx]:
+                q_index = st.query_rows(n).to(query.device)
+                scores = last_query_importance(query, key, q_index, st.valid.to(key.device), scaling)
+                st.importance[n] = (st.version, scores.to(st.rows.device))
 
     # work ------------------------------------------------------------------------------------
-    def _reduce(self, idx: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, method: Method, idx: int, hidden: torch.Tensor) -> torch.Tensor:
         st = self.state
-        importance = st.importance[1] if st.importance and st.importance[0] == st.version else None
-        if importance is None and idx - 1 in self.score:
+        version, importance = st.importance.get(method.n_queries, (-1, None))
+        if version != st.version:
+            importance = None
+        if importance is None and idx - 1 in method.score_layers(self.num_layers):
             raise RuntimeError(f"tokenreduce: layer {idx - 1} produced no importance scores; its attention did not "
                                "run through tokenreduce's attention function (was attn_implementation changed?)")
         step = Step(layer=idx, num_layers=self.num_layers, hidden=hidden, rows=st.rows, size=st.size,
                     kind=st.current("kind"), item=st.current("item"), frame=st.current("frame"),
                     cell=st.current("cell"), importance=importance, visual_in=st.visual_in,
-                    max_frames=st.max_frames, max_cells=st.max_cells, max_items=st.max_items, memo=st.memo)
-        selection = self.method.reduce(step)
+                    max_frames=st.max_frames, max_cells=st.max_cells, max_items=st.max_items,
+                    memo=st.memo.setdefault(method.name, {}))
+        selection = method.reduce(step)
         if selection is None:
             return hidden
         rows_ar = step.row_index()

@@ -1,14 +1,34 @@
-"""Token-reduction methods, one file each; the registry maps names to classes."""
+"""Token-reduction methods, one file each. Every ``Method`` subclass with a ``name`` registers itself;
+importing this package imports every module here and in ``tokenreduce.kv.methods`` (the cache-stage
+methods), so adding a method means adding a file."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import fields
 
-from .base import Method, Selection, Step
-from .fastv import FastV
-from .framefusion import FrameFusion
+from .base import REGISTRY, Method, Selection, Step
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (FrameFusion, FastV)}
+_PACKAGES = (__name__, "tokenreduce.kv.methods")
+
+
+def _discover() -> None:
+    for package in _PACKAGES:
+        try:
+            pkg = importlib.import_module(package)
+        except ModuleNotFoundError as err:
+            if not err.name or not package.startswith(err.name):  # a missing dependency, not package
+                raise
+            continue
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+            if info.name != "base":
+                importlib.import_module(f"{package}.{info.name}")
+
+
+_discover()
+from .fastv import FastV  # noqa: E402  (registered above; re-exported for convenience)
+from .framefusion import FrameFusion  # noqa: E402
 
 
 def methods() -> dict[str, str]:

@@ -9,6 +9,8 @@ import torch
 
 from ..layout import IMAGE
 
+REGISTRY: dict[str, type[Method]] = {}  # filled as method classes are defined (Method.__init_subclass__)
+
 
 @dataclass
 class Step:
@@ -77,9 +79,24 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stages: ClassVar[tuple[str, ...]] = ()
+    engine: ClassVar[str] = "hf"  # "hf": engine.hf.HFEngine (visual stages); "kv": kv.engine.KVEngine
+
+    def __init_subclass__(cls, register: bool | None = None, **kwargs: Any) -> None:
+        """Named subclasses in tokenreduce register by name; others opt in with ``register=True``."""
+        super().__init_subclass__(**kwargs)
+        if register is None:
+            register = cls.__module__.startswith("tokenreduce.")
+        if register and cls.__dict__.get("name"):
+            REGISTRY[cls.name] = cls
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def calibrate(cls, model: Any, samples: Any, **options: Any) -> dict[str, Any]:
+        """A JSON-serialisable profile for ``patch(model, name, profile=...)``; only calibrated methods
+        (ShortV, inter-layer sharing) override this."""
+        raise ValueError(f"{cls.name} needs no calibration; calibrated methods: {', '.join(calibrated()) or 'none'}")
 
     def validate(self) -> None:
         """Raise ValueError on options out of range."""
@@ -104,6 +121,11 @@ class Method:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def calibrated() -> list[str]:
+    """Names of the registered methods that have a calibration step."""
+    return [n for n, c in REGISTRY.items() if c.calibrate.__func__ is not Method.calibrate.__func__]
+
+
 def check_fraction(name: str, value: float | None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -121,4 +143,4 @@ def budget(retention: float, visual_in: torch.Tensor) -> torch.Tensor:
     return torch.ceil(visual_in.double() * retention - 1e-9).long().clamp(min=0)
 
 
-__all__ = ["Method", "Selection", "Step", "budget", "check_fraction", "check_layer"]
+__all__ = ["REGISTRY", "Method", "Selection", "Step", "budget", "check_fraction", "check_layer"]

@@ -101,6 +101,24 @@ def _cache_layer(cache, idx: int):
     return layers[idx]
 
 
+EXCLUSIVE_STAGES = {
+    "vision": "both rewrite the vision tower's computation",
+    "freeze": "both decide which layers leave visual tokens frozen",
+}
+
+
+def check_composition(methods: list[Method]) -> None:
+    """ValueError if two composed methods claim a stage only one can own (see ``EXCLUSIVE_STAGES``).
+    Methods acting before the same LLM layer compose: each reduces what the previous one kept."""
+    owner: dict[str, str] = {}
+    for method in methods:
+        for stage in method.stages:
+            if stage in EXCLUSIVE_STAGES and stage in owner:
+                raise ValueError(f"{owner[stage]} and {method.name} cannot be composed: they "
+                                 f"{EXCLUSIVE_STAGES[stage]} (stage {stage!r}); pick one of them")
+            owner.setdefault(stage, method.name)
+
+
 def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     if kwargs.get("labels") is not None:
         raise ValueError("tokenreduce removes prompt tokens, so per-token labels no longer line up with the "
@@ -117,15 +135,11 @@ class HFEngine:
         self.num_layers = len(self.layers)
         self.act: dict[int, list[Method]] = {}  # layer -> the methods that reduce before it, in order
         self.score: dict[int, set[int]] = {}  # layer -> the query counts its importance is taken with
+        check_composition(methods)
         for method in methods:
             method.check_model(self.num_layers)
             for layer in sorted(method.act_layers(self.num_layers)):
-                clash = self.act.setdefault(layer, [])
-                if clash:
-                    raise ValueError(f"{clash[0].name} and {method.name} both reduce before LLM layer {layer}: "
-                                     "methods composed with patch(model, [...]) must act at different layers "
-                                     "(change one's layer options)")
-                clash.append(method)
+                self.act.setdefault(layer, []).append(method)  # before a shared layer: in the order given
             for layer in method.score_layers(self.num_layers):
                 self.score.setdefault(layer, set()).add(method.n_queries)
         self.text_config = self.layers[0].self_attn.config

@@ -101,6 +101,8 @@ def _cache_layer(cache, idx: int):
     return layers[idx]
 
 
+_MISSING = object()
+
 EXCLUSIVE_STAGES = {
     "vision": "both rewrite the vision tower's computation",
     "freeze": "both decide which layers leave visual tokens frozen",
@@ -151,7 +153,8 @@ class HFEngine:
         self.generation: dict[str, Any] | None = None  # visual inputs generate() encoded, its expand size
         self.recording = False
         self.in_forward = False
-        self.wrapped: list[tuple[nn.Module, str]] = []
+        self.wrapped: list[tuple[nn.Module, str, Any]] = []  # (object, attribute, its previous instance value)
+        self.stage_notes: dict[str, dict[str, Any]] = {}  # per stage, what it did in the last forward (Stats.stages)
 
     # installation ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -175,8 +178,11 @@ class HFEngine:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        for obj, name in self.wrapped:
-            delattr(obj, name)
+        for obj, name, previous in reversed(self.wrapped):  # wrappers may stack: undo the latest first
+            if previous is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, previous)
         self.wrapped.clear()
         for layer in self.layers:
             if getattr(layer.self_attn, ENGINE_ATTR, None) is self:
@@ -231,8 +237,8 @@ class HFEngine:
         """Shadow ``obj.<name>`` on this instance by ``wrapper(original, *args, **kwargs)``; undone by
         ``remove``. The signature is kept: ``generate()`` inspects it to pick encoder arguments."""
         original = getattr(obj, name)
+        self.wrapped.append((obj, name, obj.__dict__.get(name, _MISSING)))
         setattr(obj, name, wraps(original)(partial(wrapper, original)))
-        self.wrapped.append((obj, name))
 
     def _deepstack(self, original, hidden: torch.Tensor, visual_pos_masks: torch.Tensor,
                    visual_embeds: torch.Tensor) -> torch.Tensor:
@@ -278,7 +284,7 @@ class HFEngine:
             for layer in getattr(cache, "layers", ()):
                 check_reducible(layer)
         self.timer = Timer(layout.kind.device)
-        self.record = Record(self.name, layout, self.num_layers, self.timer)
+        self.record = Record(self.name, layout, self.num_layers, self.timer, self.stage_notes)
 
     def _on_layer(self, idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         hidden = args[0] if args else kwargs["hidden_states"]

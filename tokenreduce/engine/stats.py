@@ -20,7 +20,8 @@ class Stats:
     layer saw them (a merged token counts once). ``kept_indices[b][l]``: the original sequence
     positions of the rows layer ``l`` processed for sample ``b``. ``reduce_ms``: wall-clock of
     the reduction's own work (selection, merging, compaction, importance). ``decode_steps``:
-    forwards over generated tokens since that prefill.
+    forwards over generated tokens since that prefill. ``stages``: per stage (e.g. ``"vision"``, or a
+    method's name), what it did, as the stage reports it (e.g. patches the vision tower encoded).
     """
 
     method: str
@@ -32,6 +33,7 @@ class Stats:
     reduce_ms: float
     decode_steps: int
     layout: TokenLayout = field(repr=False)
+    stages: dict[str, dict] = field(default_factory=dict)
 
     @property
     def kept_fraction(self) -> list[float]:
@@ -63,8 +65,10 @@ class Stats:
 class Record:
     """Accumulates one prefill's per-layer rows; turned into :class:`Stats` on demand."""
 
-    def __init__(self, method: str, layout: TokenLayout, num_layers: int, timer: Timer) -> None:
+    def __init__(self, method: str, layout: TokenLayout, num_layers: int, timer: Timer,
+                 stages: dict[str, dict] | None = None) -> None:
         self.method, self.layout, self.timer = method, layout, timer
+        self.stages = {} if stages is None else stages
         self.rows: list[torch.Tensor | None] = [None] * num_layers
         self.decode_steps = 0
 
@@ -80,4 +84,4 @@ class Record:
                      layer_tokens=[r.shape[1] for r in rows],
                      visual_tokens_in=visual.sum(dim=1).tolist(), visual_tokens_kept=last,
                      kept_indices=kept, reduce_ms=self.timer.total_ms(), decode_steps=self.decode_steps,
-                     layout=self.layout)
+                     layout=self.layout, stages={k: dict(v) for k, v in self.stages.items()})

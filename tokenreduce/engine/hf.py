@@ -150,6 +150,7 @@ class HFEngine:
         self.record: Record | None = None
         self.timer: Timer | None = None
         self.handles: list[Any] = []
+        self.undo: list[Any] = []  # what methods' setup() installed, undone last-in first-out
         self.generation: dict[str, Any] | None = None  # visual inputs generate() encoded, its expand size
         self.recording = False
         self.in_forward = False
@@ -173,8 +174,14 @@ class HFEngine:
             setattr(layer.self_attn, ENGINE_ATTR, self)
         if self.score:
             self.text_config._attn_implementation = wrapped_attention(self.original_attention)
+        for method in self.methods:
+            undo = method.setup(self)
+            if undo is not None:
+                self.undo.append(undo)
 
     def remove(self) -> None:
+        while self.undo:
+            self.undo.pop()()
         for h in self.handles:
             h.remove()
         self.handles.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -116,6 +117,11 @@ class Method:
 
     def reduce(self, step: Step) -> Selection | None:
         raise NotImplementedError
+
+    def setup(self, engine: Any) -> Callable[[], None] | None:
+        """Called once when the engine installs this method on a model, for methods that need more than
+        ``reduce`` (hooks on the vision tower, frozen layers); returns the undo, called by unpatch."""
+        return None
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,183 @@
+"""KVEngine: runs one cache-stage method on a transformers LLM through a cache layer and an attention function.
+
+Installed by ``tokenreduce.patch``: a forward pre-hook on the model adopts the cache's full-attention
+layers as :class:`KVLayer` (creating the ``DynamicCache`` when the caller passed none) and lets the
+method plan the forward; the registered ``tokenreduce_kv_<backend>`` attention function hands every
+attention call to the method. ``remove`` restores the attention implementation and drops every hook.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from .attention import ATTR, kv_attention
+from .cache import KVLayer
+from .methods.base import KVMethod
+from .model import text_parts
+from .stats import KVStats
+
+_HF_ATTR = "_tokenreduce_engine"  # the visual engine's mark on attention modules
+
+
+@dataclass
+class Forward:
+    """One forward of the patched model: whether it starts a new prompt, its keyword arguments, the
+    cache, which prompt tokens are real (``valid`` ``[B, L]``, False for padding) and per-forward memo."""
+
+    prefill: bool
+    kwargs: dict[str, Any]
+    cache: Any
+    length: int
+    valid: torch.Tensor | None
+    memo: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # host time in the method's own work
+
+
+class KVEngine:
+    """One KV method installed on one model."""
+
+    def __init__(self, model: nn.Module, methods: list[KVMethod]) -> None:
+        if len(methods) != 1:
+            raise ValueError(f"KV methods {[m.name for m in methods]} cannot be composed yet; patch one of them")
+        self.model, self.method = model, methods[0]
+        self.parts = text_parts(model)
+        self.is_vlm = getattr(model.config, "vision_config", None) is not None
+        if any(getattr(layer.self_attn, _HF_ATTR, None) is not None for layer in self.parts.layers):
+            raise ValueError(f"{self.method.name} cannot be composed with visual-token methods yet; patch it alone")
+        self.method.check_llm(self.parts, self.is_vlm)
+        self.full = self.parts.full_attention_layers()
+        self.original_attention = self.parts.config._attn_implementation
+        self.attention_name = kv_attention(self.original_attention)  # validates the backend
+        self.handles: list[Any] = []
+        self.local = threading.local()  # the forward in flight, per thread (a server may share one model)
+        self.record = KVStats(self.method.name)
+
+    # installation ---------------------------------------------------------------------------
+    def install(self) -> None:
+        self.handles.append(self.model.register_forward_pre_hook(self._before, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(self._after, with_kwargs=True))
+        for i in self.full:
+            setattr(self.parts.layers[i].self_attn, ATTR, self)
+        self.parts.config._attn_implementation = self.attention_name
+        self.method.install(self)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.method.uninstall(self)
+        for layer in self.parts.layers:
+            if getattr(layer.self_attn, ATTR, None) is self:
+                delattr(layer.self_attn, ATTR)
+        self.parts.config._attn_implementation = self.original_attention
+        self.fwd = None
+
+    @property
+    def fwd(self) -> Forward | None:
+        return getattr(self.local, "fwd", None)
+
+    @fwd.setter
+    def fwd(self, value: Forward | None) -> None:
+        self.local.fwd = value
+
+    def add_handle(self, handle: Any) -> None:
+        self.handles.append(handle)
+
+    # forward ------------------------------------------------------------------------------
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        kwargs = dict(kwargs)
+        if args:
+            kwargs.setdefault("input_ids", args[0])
+            args = ()
+        name = self.parts.cache_kwarg
+        other = "past_key_values" if name == "cache" else "cache"
+        cache = kwargs.get(name) if kwargs.get(name) is not None else kwargs.pop(other, None)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.parts.config, "use_cache", True)
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.model.config)
+        if cache is not None:
+            kwargs[name] = cache
+            self._adopt(cache)
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        length = (ids if ids is not None else embeds).shape[1]
+        prefill = cache is None or cache.get_seq_length() == 0
+        mask = kwargs.get("attention_mask")
+        valid = mask.bool() if prefill and isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        self.fwd = Forward(prefill, kwargs, cache, length, valid)
+        with self.timer():
+            self.method.begin(self, self.fwd)
+        return args, self.fwd.kwargs
+
+    def _adopt(self, cache: Any) -> None:
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            raise ValueError(f"tokenreduce's KV methods need a transformers DynamicCache; got {type(cache).__name__}")
+        while len(layers) < self.parts.num_layers:
+            if getattr(cache, "layer_class_to_replicate", None) is None:
+                raise ValueError(f"the cache {type(cache).__name__} has fewer layers than the model")
+            layers.append(cache.layer_class_to_replicate())
+        for i in self.full:
+            KVLayer.adopt(layers[i])
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        fwd = self.fwd
+        if fwd is None:
+            return
+        with self.timer():
+            self.method.finish(self, fwd, output)
+        if fwd.prefill:
+            self.record = KVStats(self.method.name)
+            self.method.note(self, fwd, self.record)
+            self.record.prefill_ms = fwd.seconds * 1e3
+        else:
+            self.record.decode_ms += fwd.seconds * 1e3
+            self.record.decode_steps += 1
+        self._measure(fwd.cache)
+
+    def _measure(self, cache: Any) -> None:
+        if cache is None:
+            return
+        layers = [cache.layers[i] for i in range(self.parts.num_layers)]
+        self.record.logical_length = cache.get_seq_length()
+        self.record.layer_entries = [layer.kept() if isinstance(layer, KVLayer) else layer.get_seq_length()
+                                     for layer in layers]
+        held, dense = 0, 0
+        for layer in layers:
+            if not getattr(layer, "is_initialized", False) or layer.keys is None:
+                continue
+            held += layer.nbytes() if isinstance(layer, KVLayer) else (
+                layer.keys.numel() * layer.keys.element_size() * 2)
+            b, h, _, d = layer.values.shape
+            dense += 2 * b * h * d * layer.values.element_size() * self.record.logical_length
+        self.record.kv_bytes, self.record.dense_kv_bytes = held, dense
+
+    # attention ------------------------------------------------------------------------------
+    def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, real, kwargs: dict[str, Any]):
+        fwd = self.fwd
+        layer = fwd.cache.layers[module.layer_idx] if fwd is not None and fwd.cache is not None else None
+        if not isinstance(layer, KVLayer):
+            return real(module, query, key, value, mask, **kwargs)
+        return self.method.attend(self, module.layer_idx, layer, module, query, key, value, mask, real, kwargs)
+
+    @contextmanager
+    def timer(self):
+        start, fwd = time.perf_counter(), self.fwd
+        try:
+            yield
+        finally:
+            if fwd is not None:
+                fwd.seconds += time.perf_counter() - start
+
+    def stats(self) -> KVStats:
+        return self.record

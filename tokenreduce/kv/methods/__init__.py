@@ -1,0 +1,1 @@
+"""Cache-stage methods, one file each (auto-imported by ``tokenreduce.methods``, so each registers itself)."""

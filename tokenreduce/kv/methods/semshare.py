@@ -1,0 +1,221 @@
+"""SemShareKV (arXiv 2509.24832, "Efficient KVCache Sharing for Semantically Similar Prompts via Token-Level LSH
+Matching"): reuse the KV cache of a similar earlier prompt, recomputing only the tokens that deviate most.
+
+For a new prompt: token embeddings with RoPE-style position rotation mixed in are sign-hashed
+(random hyperplanes, :mod:`tokenreduce.ops.lsh`); the stored prompt of the caller's namespace
+with the most tokens within ``max_distance`` of a new token is the reference, and every new token
+gets its nearest reference token. Layer 0 runs every token; comparing its fresh keys and values
+with the reference's (re-rotated) ones ranks tokens by deviation. Layer ``l >= 1`` then runs only
+the most deviating ``f_l`` of the prompt (unmatched tokens and the last token always), with
+``f_l`` decaying exponentially with depth so that their mean is ``retention``; every other token's
+KV in that layer is the reference token's, keys re-rotated by RoPE from the reference position to
+the new one. Skipped rows are not run through the layer at all, so the saving is real (the public
+reproduction runs every token and overwrites; it also never re-rotates keys).
+
+Deviations from the paper: layer 0 is the check layer (CacheBlend-style); only prompts computed in
+full are stored (``save``), so approximate KV is never reused twice; batch size 1 per forward (a
+server sends requests one by one; the store and the engine are thread-safe).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ...methods.base import check_fraction
+from ..model import inv_freq, rotate
+from ..store import KVStore
+from .base import KVMethod
+
+
+def mix_positions(embeds: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unit token embeddings ``[L, D]`` rotated RoPE-style by position / ``scale`` (base 10000), so that
+    the same token far from its place no longer matches while small shifts still do."""
+    dim = embeds.shape[-1] - embeds.shape[-1] % 2
+    x = torch.nn.functional.normalize(embeds[:, :dim].float(), dim=-1)
+    freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+    pos = torch.arange(x.shape[0], device=x.device, dtype=torch.float32)[None] / scale
+    return rotate(x[None, None], pos, freq)[0, 0]
+
+
+@dataclass
+class Plan:
+    """One prefill's reuse: the reference entry, matched indices, rows computed per layer."""
+
+    index: torch.Tensor  # [L] reference token of every new token
+    delta: torch.Tensor  # [1, L] new position - reference position
+    matched: torch.Tensor  # [L] bool
+    fractions: list[float]
+    entry: Any
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    deviation: torch.Tensor | None = None
+
+
+@dataclass
+class SemShare(KVMethod):
+    name: ClassVar[str] = "semshare"
+    description: ClassVar[str] = "reuse a similar earlier prompt's KV (LSH token matching), recompute what deviates"
+    text_only: ClassVar[bool] = True
+
+    store: KVStore | None = None
+    namespace: str = "default"
+    retention: float = 0.3
+    decay: float = 0.7
+    max_distance: float = 0.2
+    min_match: float = 0.5
+    position_scale: float = 16.0
+    save: bool = True
+
+    def validate(self) -> None:
+        if self.store is None:
+            self.store = KVStore()
+        if not isinstance(self.store, KVStore):
+            raise ValueError(f"store must be a tokenreduce.KVStore, got {type(self.store).__name__}")
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}")
+        check_fraction("retention", self.retention)
+        check_fraction("decay", self.decay)
+        check_fraction("min_match", self.min_match)
+        if not isinstance(self.max_distance, (int, float)) or not 0 <= self.max_distance <= 0.5:
+            raise ValueError(f"max_distance (a fraction of the signature bits) must be in [0, 0.5], "
+                             f"got {self.max_distance!r}")
+        if not isinstance(self.position_scale, (int, float)) or self.position_scale <= 0:
+            raise ValueError(f"position_scale must be positive, got {self.position_scale!r}")
+
+    def check_llm(self, parts, is_vlm: bool) -> None:
+        super().check_llm(parts, is_vlm)
+        inv_freq(parts)
+        if len(parts.full_attention_layers()) != parts.num_layers:
+            raise TypeError("semshare needs every layer to use full attention; this model has sliding-window layers")
+
+    def model_key(self, engine) -> str:
+        c = engine.parts.config
+        return (f"{type(engine.model).__name__}:{getattr(c, '_name_or_path', '')}:{c.num_hidden_layers}:"
+                f"{c.hidden_size}:{c.num_key_value_heads}:{engine.parts.layers[0].self_attn.head_dim}")
+
+    def fractions(self, num_layers: int) -> list[float]:
+        """Fraction of the prompt each layer runs: 1 at layer 0, then ``c * decay**(l-1)`` with mean ``retention``."""
+        weights = [self.decay ** i for i in range(num_layers - 1)]
+        c = self.retention * len(weights) / sum(weights) if weights else 1.0
+        return [1.0] + [min(1.0, c * w) for w in weights]
+
+    # hooks ----------------------------------------------------------------------------------
+    def install(self, engine) -> None:
+        for i, layer in enumerate(engine.parts.layers):
+            engine.add_handle(layer.register_forward_pre_hook(partial(self._before_layer, engine, i), with_kwargs=True))
+
+    def begin(self, engine, fwd) -> None:
+        fwd.memo.pop("semshare", None)
+        if not fwd.prefill or fwd.cache is None:
+            return
+        ids = fwd.kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("semshare needs input_ids (it hashes the prompt's token embeddings), not inputs_embeds")
+        if ids.shape[0] != 1:
+            raise ValueError(f"semshare runs one prompt per forward (batch size 1), got batch {ids.shape[0]}; "
+                             "send requests one at a time: the store and the patched model are thread-safe")
+        if fwd.valid is not None and not bool(fwd.valid.all()):
+            raise ValueError("semshare needs an unpadded prompt")
+        with torch.no_grad():
+            sig = self.store.signatures(mix_positions(engine.parts.embed(ids)[0], self.position_scale))
+        fwd.memo["signatures"] = sig
+        length = ids.shape[1]
+        match = None
+        if self.retention < 1.0 and length > 1:
+            bits = int(self.max_distance * self.store.bits)
+            match = self.store.best(self.namespace, self.model_key(engine), sig, bits)
+        fwd.memo["match_rate"] = match.rate if match is not None else 0.0
+        if match is None or match.rate < self.min_match:
+            return
+        pos = torch.arange(length, device=ids.device)
+        index = match.index.clamp(min=0)
+        fwd.memo["semshare"] = Plan(index, (pos - index)[None], match.matched, self.fractions(engine.parts.num_layers),
+                                    match.entry)
+
+    def _before_layer(self, engine, i: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        fwd = engine.fwd
+        plan = fwd.memo.get("semshare") if fwd is not None else None
+        if plan is None:
+            return None
+        layer = fwd.cache.layers[i]
+        layer.pending = partial(self._write, engine, plan, i)
+        if i == 0:
+            return None
+        with engine.timer():
+            length = plan.index.shape[0]
+            count = max(1, math.ceil(plan.fractions[i] * length - 1e-9))
+            rows = plan.deviation.topk(min(count, length)).indices.sort().values
+            previous = plan.rows.get(i - 1, torch.arange(length, device=rows.device))
+            local = torch.searchsorted(previous, rows)
+            plan.rows[i] = rows
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = None
+            cos, sin = kwargs["position_embeddings"]
+            if cos.shape[-2] == length:
+                kwargs["position_embeddings"] = (cos[:, rows], sin[:, rows])
+            if kwargs.get("position_ids") is not None and kwargs["position_ids"].shape[-1] == length:
+                kwargs["position_ids"] = kwargs["position_ids"][..., rows]
+        return (hidden[:, local],), kwargs
+
+    def _reference(self, engine, plan: Plan, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = plan.entry.keys[i].to(like.device)[None][:, :, plan.index]
+        values = plan.entry.values[i].to(like.device)[None][:, :, plan.index]
+        return rotate(keys, plan.delta, inv_freq(engine.parts).to(like.device)).to(like.dtype), values.to(like.dtype)
+
+    def _write(self, engine, plan: Plan, i: int, layer, key: torch.Tensor, value: torch.Tensor):
+        """Layer ``i``'s prefill: the reference KV for every token, the computed rows written over it."""
+        with engine.timer():
+            length = plan.index.shape[0]
+            if not layer.is_initialized:
+                layer.lazy_initialization(key, value)
+            if i == 0:
+                ref_k, ref_v = self._reference(engine, plan, 0, key)
+                dev = ((key - ref_k).float().norm(dim=-1) / key.float().norm(dim=-1).clamp(min=1e-6)).mean(dim=(0, 1))
+                dev = dev + ((value - ref_v).float().norm(dim=-1) / value.float().norm(dim=-1).clamp(min=1e-6)
+                             ).mean(dim=(0, 1))
+                dev = dev.masked_fill(~plan.matched, float("inf"))
+                dev[-1] = float("inf")  # the last token's logits start generation
+                plan.deviation = dev
+                full_k, full_v = key, value
+            else:
+                full_k, full_v = self._reference(engine, plan, i, key)
+                rows = plan.rows[i]
+                full_k[:, :, rows], full_v[:, :, rows] = key, value
+            layer.keys, layer.values = full_k, full_v
+            layer.append_positions(torch.arange(length, device=key.device).expand(key.shape[0], 1, -1), length)
+        return layer.keys, layer.values
+
+    def attend(self, engine, index, layer, module, query, key, value, mask, real, kwargs):
+        fwd = engine.fwd
+        plan = fwd.memo.get("semshare") if fwd.prefill else None
+        if plan is None or index == 0:
+            return real(module, query, key, value, mask, **kwargs)
+        rows = plan.rows[index]
+        allowed = torch.arange(key.shape[2], device=key.device)[None, :] <= rows[:, None]
+        zero = torch.zeros((), dtype=query.dtype, device=query.device)
+        own = torch.where(allowed, zero, torch.finfo(query.dtype).min)[None, None]
+        return real(module, query, key, value, own, **kwargs)
+
+    def finish(self, engine, fwd, output) -> None:
+        if not fwd.prefill or fwd.cache is None or "signatures" not in fwd.memo:
+            return
+        if self.save and "semshare" not in fwd.memo:
+            layers = fwd.cache.layers[: engine.parts.num_layers]
+            self.store.add(self.namespace, self.model_key(engine), fwd.memo["signatures"],
+                           [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
+
+    def note(self, engine, fwd, record) -> None:
+        plan = fwd.memo.get("semshare")
+        length, n = fwd.length, engine.parts.num_layers
+        rows = [length] + [int(plan.rows[i].numel()) for i in range(1, n)] if plan is not None else [length] * n
+        record.computed_rows = rows
+        record.reuse_rate = 1.0 - sum(rows) / (length * n)
+        record.notes["match_rate"] = round(fwd.memo.get("match_rate", 0.0), 4)
+        record.notes["store_bytes"] = self.store.bytes_used
+        record.notes["store_entries"] = len(self.store)

@@ -1,0 +1,190 @@
+"""VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
+CVPR 2025, arXiv 2412.04467): dominant visual tokens by the vision tower's attention, the rest merged into a
+few contextual tokens; per image or video frame."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.nn import functional as F
+
+from ..layout import IMAGE, VIDEO
+from .base import Method, Selection, Step, check_fraction
+
+
+def zip_frames(scores: torch.Tensor, keys: torch.Tensor, keep: int, dominant: int) -> torch.Tensor:
+    """VisionZip on a batch of frames: ``dest`` ``[F, N]``, the cell each of a frame's ``N`` cells goes to.
+
+    The ``dominant`` cells with the highest ``scores`` ``[F, N]`` stay (ties: earlier cell first); of the
+    others (in cell order), ``keep - dominant`` uniformly spaced ones (every ``(N - dominant) //
+    (keep - dominant)``-th) become contextual targets, and each remaining cell goes to the target whose key
+    (``keys`` ``[F, N, d]``) is most cosine-similar. ``dest == cell``: kept; otherwise merged into ``dest``;
+    ``-1`` (only when ``keep == dominant``): dropped. Exactly ``keep`` cells per frame stay."""
+    frames, n = scores.shape
+    cells = torch.arange(n, device=scores.device).expand(frames, n)
+    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    is_dominant = torch.zeros_like(cells, dtype=torch.bool).scatter_(1, order[:, :dominant], True)
+    contextual = keep - dominant
+    if contextual == 0:
+        return torch.where(is_dominant, cells, -1)
+    rest = ~is_dominant
+    rank = rest.long().cumsum(dim=1) - 1  # position among the non-dominant cells
+    step = max(1, (n - dominant) // contextual)
+    is_target = rest & (rank % step == 0) & (rank // step < contextual)
+    targets = torch.sort(is_target.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :contextual]
+    unit = F.normalize(keys.float(), dim=-1)
+    similarity = unit @ unit.gather(1, targets[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)
+    nearest = targets.gather(1, similarity.argmax(dim=-1))  # first target on ties
+    return torch.where(is_dominant | is_target, cells, nearest)
+
+
+@dataclass
+class VisionZip(Method):
+    """Keep ``retention`` of each image's / video frame's visual tokens: a ``dominant_fraction`` share of
+    them are the tokens the vision tower attends to most, the others are contextual tokens, each the
+    size-weighted mean of a uniformly spaced target token and the remaining tokens whose keys are closest
+    to its key.
+
+    The attention comes from tower layer ``layer`` (None: the layer whose output the LLM reads, LLaVA's
+    ``vision_feature_layer``, the paper's penultimate layer for CLIP; Qwen-VL: the last block). It is
+    computed next to the tower's own attention, which keeps its backend (SDPA / flash; no eager attention
+    needed): see :mod:`tokenreduce.models.tower_probe`. Towers with a CLS token (LLaVA-NeXT-Video's CLIP)
+    rank by the CLS query's attention; towers without one (SigLIP, Qwen-VL) by the attention a token
+    receives averaged over all queries of its image/frame, VisionZip's rule for SigLIP.
+
+    Deviations from the paper, which reduces inside the tower's output: the selection acts on the LLM's
+    visual embeddings before LLM layer 0 (so the tower, the projector and their cost are unchanged, and
+    positions stay the original ones); a contextual token is the size-weighted mean of its members'
+    projected embeddings (not the projection of the mean of tower features); for towers whose LLM token
+    pools several patches (Qwen-VL's 2x2 merge, LLaVA video pooling) scores and keys are pooled the same way.
+    Budget per frame: ``ceil(retention * tokens_per_frame)``, of which ``round(dominant_fraction * budget)``
+    dominant (the paper's 54 + 10 of 64 at the default share). LLaVA-OneVision's trailing video newline
+    token is kept. LLaVA any-resolution images are refused.
+    """
+
+    name: ClassVar[str] = "visionzip"
+    description: ClassVar[str] = ("keep tokens the vision tower attends to most, merge the rest into contextual "
+                                  "tokens (VisionZip)")
+    stages: ClassVar[tuple[str, ...]] = ("embed",)  # reads the vision tower (hooks) but does not change it
+
+    retention: float = 0.3
+    dominant_fraction: float = 54 / 64
+    layer: int | None = None
+
+    def validate(self) -> None:
+        check_fraction("retention", self.retention)
+        value = self.dominant_fraction
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise ValueError(f"dominant_fraction must be a number in [0, 1], got {value!r}")
+        if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
+            raise ValueError(f"layer must be an integer index into the vision tower's layers or None, "
+                             f"got {self.layer!r}")
+
+    def act_layers(self, num_layers: int) -> set[int]:
+        return {0}
+
+    def budget(self, cells: int) -> tuple[int, int]:
+        """(tokens kept, dominant tokens) of a frame of ``cells`` tokens."""
+        keep = max(1, min(cells, math.ceil(cells * self.retention - 1e-9)))
+        return keep, min(keep, int(keep * self.dominant_fraction + 0.5))
+
+    def setup(self, engine: Any) -> Callable[[], None]:
+        from ..models.tower_probe import probe_for
+
+        base = engine.adapter.base_model(engine.model)
+        probe = probe_for(engine.model, base, self.layer)
+        undo_probe = probe.install(engine._wrap)
+
+        def hand_over(module, args, kwargs) -> None:  # runs after the engine built this prefill's state
+            state = engine.state
+            if state is not None:
+                memo = state.memo.setdefault(self.name, {})
+                memo.update(probe=probe, grids=state.layout.grids, notes=engine.stage_notes)
+
+        handle = base.register_forward_pre_hook(hand_over, with_kwargs=True)
+
+        def undo() -> None:
+            handle.remove()
+            undo_probe()
+
+        return undo
+
+    def reduce(self, step: Step) -> Selection | None:
+        if self.retention >= 1:
+            return None
+        memo = step.memo
+        probe, grids = memo["probe"], memo["grids"]
+        device = step.rows.device
+        records = _records_per_item(probe.records, grids)
+        cells_of = torch.zeros(len(grids), step.max_items, dtype=torch.long)
+        start_of = torch.zeros(len(grids), step.max_items, dtype=torch.long)
+        tables, offset, done, counts = [], 0, {}, {}
+        for b, sample in enumerate(grids):
+            for i, spec in enumerate(sample):
+                record = records[b][i]
+                if (record.frames, record.cells) != (spec.frames, spec.cells):
+                    raise RuntimeError(f"visionzip: the vision tower encoded {record.frames} x {record.cells} "
+                                       f"tokens for item {i} of sample {b}, the prompt has {spec.frames} x "
+                                       f"{spec.cells}")
+                keep, dominant = self.budget(spec.cells)
+                if id(record) not in done:
+                    done[id(record)] = zip_frames(record.scores, record.keys, keep, dominant).to(device)
+                dest = done[id(record)]
+                frame_start = offset + torch.arange(spec.frames, device=device)[:, None] * spec.cells
+                tables.append(torch.where(dest >= 0, dest + frame_start, -1).flatten())
+                cells_of[b, i], start_of[b, i] = spec.cells, offset
+                offset += spec.frames * spec.cells
+                counts[(b, i)] = (keep, dominant)
+        if not tables:
+            return None
+        table = torch.cat(tables)
+        in_frame = step.visual & (step.frame >= 0)
+        n_visual = step.visual.sum(dim=1)
+        if not torch.equal(n_visual.cpu(), step.visual_in.cpu()):
+            raise ValueError("visionzip must see every visual token of the prompt: compose it before methods that "
+                             "reduce before LLM layer 0")
+        item = step.item.clamp(min=0)
+        flat = start_of.to(device).gather(1, item) + step.frame.clamp(min=0) * cells_of.to(device).gather(1, item)
+        flat = torch.where(in_frame, flat + step.cell.clamp(min=0), -1)
+        rows = step.row_index()
+        row_of = torch.full((offset + 1,), -1, dtype=torch.long, device=device)
+        row_of[flat[in_frame]] = rows[in_frame]  # each sample's items own their own table entries
+        goes_to = table[flat.clamp(min=0)]
+        dest_row = row_of[torch.where(goes_to >= 0, goes_to, offset)]
+        dest = torch.where(in_frame, dest_row, torch.where(step.valid, rows, -1))
+        memo["notes"]["visionzip"] = {"reference": probe.reference, "tower_layer": probe.layer,
+                                      "kept_dominant_per_frame": {f"{b}/{i}": v for (b, i), v in counts.items()}}
+        return Selection(dest)
+
+
+def _records_per_item(records: dict[int, list], grids: list[list]) -> list[list]:
+    """The tower record of each item of each sample. The tower encodes each kind's items in batch order;
+    generate() may repeat every sample after encoding (beams), then consecutive copies share records."""
+    out = [[None] * len(sample) for sample in grids]
+    for kind, what in ((IMAGE, "image"), (VIDEO, "video")):
+        wanted = [[i for i, spec in enumerate(sample) if spec.kind == kind] for sample in grids]
+        total = sum(map(len, wanted))
+        if not total:
+            continue
+        have = records.get(kind, [])
+        repeat = total // max(len(have), 1)
+        if not have or repeat * len(have) != total or len(grids) % repeat:
+            raise RuntimeError(f"visionzip: the prompt has {total} {what}s but the vision tower's last {what} "
+                               f"encoding holds {len(have)}; was the tower run for this prompt?")
+        n = 0
+        for b, items in enumerate(wanted):
+            if b % repeat:
+                for i in items:
+                    out[b][i] = out[b - 1][i]
+                continue
+            for i in items:
+                out[b][i] = have[n]
+                n += 1
+    return out
+
+
+__all__ = ["VisionZip", "zip_frames"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...methods.base import check_fraction, check_layer
-from ..attention import window_scores
+from ..scores import window_scores
 from ..select import budgets, top_entries
 from .base import KVMethod
 

@@ -3,12 +3,16 @@ tower's eager attention weights), contextual tokens merged by key similarity, pe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import sample_of
 from torch.nn import functional as F
 
 import tokenreduce
+from tokenreduce.methods import Method
 from tokenreduce.methods.visionzip import VisionZip, zip_frames
 from tokenreduce.testing import make_frames, make_inputs, tiny_model
 
@@ -87,7 +91,7 @@ def test_cls_scores_match_eager_attention_and_pick_the_dominant_tokens():
     attn = _tower_ref_llava(eager, inputs, 0)  # [frames, heads, 1 + 64, 1 + 64]
     ref = attn[:, :, 0, 1:].mean(dim=1).view(-1, 1, 8, 8)
     ref = F.avg_pool2d(ref, 2).flatten(1)  # the model's 2x2 average pooling: [frames, 16]
-    (record,) = probe.records[2]
+    (record,) = engine_of(model).state.memo["visionzip"]["records"][2]
     torch.testing.assert_close(record.scores, ref, atol=1e-6, rtol=1e-5)
     grid = tokenreduce.stats(model).kept_grid(0, 0, layer=0).reshape(4, -1)
     top2 = ref.topk(2, dim=1).indices
@@ -107,7 +111,7 @@ def test_siglip_mean_attention_matches_eager_weights():
     attn = _tower_ref_llava(eager, inputs, 1)
     ref = attn.mean(dim=(1, 2)).view(-1, 1, 8, 8)
     ref = F.interpolate(ref, size=[4, 4], mode="bilinear").flatten(1)
-    (record,) = probe.records[2]
+    (record,) = engine_of(model).state.memo["visionzip"]["records"][2]
     torch.testing.assert_close(record.scores, ref, atol=1e-6, rtol=1e-5)
     grid = tokenreduce.stats(model).kept_grid(0, 0, layer=0).reshape(4, -1)
     expected = torch.zeros(4, 16)
@@ -134,7 +138,7 @@ def test_qwen2_5_window_order_is_undone():
     inputs = make_inputs(model, videos=videos("qwen2_5_vl"))
     tokenreduce.patch(model, "visionzip", retention=0.25)
     run(model, inputs)
-    (record,) = engine_of(model).state.memo["visionzip"]["probe"].records[2]
+    (record,) = engine_of(model).state.memo["visionzip"]["records"][2]
     visual = model.model.visual
     visual.config._attn_implementation = "visionzip_test_capture"
     tokenreduce.unpatch(model)
@@ -180,7 +184,7 @@ def test_contextual_tokens_are_size_weighted_means():
     run(model, inputs)
     handle.remove()
     dense, reduced = seen
-    (record,) = engine_of(model).state.memo["visionzip"]["probe"].records[2]
+    (record,) = engine_of(model).state.memo["visionzip"]["records"][2]
     dest = zip_frames(record.scores, record.keys, keep=4, dominant=2)  # [4 frames, 16 cells]
     start = int(torch.nonzero(inputs["input_ids"][0] == model.config.video_token_id)[0])
     visual = dense[start:start + 64].view(4, 16, -1)
@@ -258,3 +262,39 @@ def test_unpatch_leaves_no_hooks(family):
     assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules] == before
     assert "get_image_features" not in vars(base) and "get_video_features" not in vars(base)
     assert torch.equal(run(model, inputs), dense)
+
+
+@dataclass
+class TowerRewriter(Method, register=False):
+    """Stands for a method that changes the vision tower's output (stage "vision")."""
+
+    name: ClassVar[str] = "tower-rewriter"
+    stages: ClassVar[tuple[str, ...]] = ("vision",)
+
+    def act_layers(self, num_layers):
+        return set()
+
+
+def test_composition():
+    model = tiny_model("llava_next_video")
+    inputs = make_inputs(model, videos=videos("llava_next_video"))
+    # fastv budgets against the original 64 visual tokens: visionzip keeps 32, fastv then 16
+    tokenreduce.patch(model, [VisionZip(retention=0.5), tokenreduce.FastV(retention=0.25, layer=2)])
+    run(model, inputs)
+    s = tokenreduce.stats(model)
+    assert s.layer_tokens[0] == inputs["input_ids"].shape[1] - 32 and s.visual_tokens_kept == [16]
+    tokenreduce.unpatch(model)
+    with pytest.raises(ValueError, match="rewrite"):
+        tokenreduce.patch(model, [TowerRewriter(), VisionZip()])
+    tokenreduce.patch(model, ["framefusion", "visionzip"])  # framefusion merges before layer 0 first
+    with pytest.raises(ValueError, match="every visual token"):
+        run(model, make_inputs(model, videos=[make_frames(4, static=True)]))
+
+
+def test_bfloat16_model():
+    model = tiny_model("qwen2_5_vl", dtype=torch.bfloat16)
+    inputs = make_inputs(model, videos=videos("qwen2_5_vl"))
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.bfloat16)
+    tokenreduce.patch(model, "visionzip", retention=0.25)
+    assert torch.isfinite(run(model, inputs).float()).all()
+    assert tokenreduce.stats(model).visual_tokens_kept == [8]

@@ -95,6 +95,10 @@ class VisionZip(Method):
     def setup(self, engine: Any) -> Callable[[], None]:
         from ..models.tower_probe import probe_for
 
+        rewriters = [m.name for m in engine.methods if "vision" in m.stages]
+        if rewriters:
+            raise ValueError(f"visionzip reads the vision tower's attention to choose LLM tokens and cannot be "
+                             f"composed with {', '.join(rewriters)}, which rewrite(s) the tower; pick one of them")
         base = engine.adapter.base_model(engine.model)
         probe = probe_for(engine.model, base, self.layer)
         undo_probe = probe.install(engine._wrap)
@@ -119,7 +123,8 @@ class VisionZip(Method):
         memo = step.memo
         probe, grids = memo["probe"], memo["grids"]
         device = step.rows.device
-        records = _records_per_item(probe.records, grids)
+        memo["records"] = probe.take()
+        records = _records_per_item(memo["records"], grids)
         cells_of = torch.zeros(len(grids), step.max_items, dtype=torch.long)
         start_of = torch.zeros(len(grids), step.max_items, dtype=torch.long)
         tables, offset, done, counts = [], 0, {}, {}

@@ -140,6 +140,12 @@ class TowerProbe:
     def extra_hooks(self) -> list[Any]:
         return []
 
+    def take(self) -> dict[int, list[TowerRecord]]:
+        """The records of the last encodings, handed over once: a later prompt whose tower did not run
+        (so nothing describes its visual tokens) finds none instead of stale ones."""
+        records, self.records = self.records, {}
+        return records
+
     def _wrap_encoder(self, wrap, name: str, kind: int) -> None:
         signature = inspect.signature(getattr(self.base, name))
 

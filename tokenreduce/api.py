@@ -8,14 +8,13 @@ engine gets the methods of its kind, in the order given.
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .methods import REGISTRY, Method, make_method
+from .profiles import load_profile, save_profile
 
 _ATTR = "_tokenreduce_engine"  # the same name the engine puts on attention modules (engine.attention)
 
@@ -138,25 +137,4 @@ def calibrate(model: nn.Module, method: str, samples: Any, **options: Any) -> di
     return cls.calibrate(model, samples, **options)
 
 
-def save_profile(profile: dict[str, Any], path: str | Path) -> Path:
-    """Write a calibration profile as JSON."""
-    path = Path(path)
-    path.write_text(json.dumps(profile, indent=2) + "\n")
-    return path
-
-
-def load_profile(profile: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A profile given as a dict or a JSON file path; ValueError naming the file if it is not one."""
-    if isinstance(profile, dict):
-        return profile
-    path = Path(profile)
-    if not path.is_file():
-        raise ValueError(f"profile {path} does not exist; make one with tokenreduce.calibrate or "
-                         "'tokenreduce calibrate'")
-    try:
-        out = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"profile {path} is not valid JSON: {err}") from err
-    if not isinstance(out, dict) or "method" not in out:
-        raise ValueError(f"profile {path} is not a tokenreduce profile (no 'method' key)")
-    return out
+__all__ = ["calibrate", "is_patched", "load_profile", "patch", "save_profile", "stats", "unpatch"]

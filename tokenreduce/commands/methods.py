@@ -18,7 +18,10 @@ def run_methods(args: argparse.Namespace) -> int:
     """Print every registered method, its description and its options with their defaults."""
     for name, cls in REGISTRY.items():
         print(f"{name} (acts at: {', '.join(cls.stages)}): {cls.description}")
-        defaults = cls().options()  # after validation, so derived defaults (e.g. a budget) show
+        try:
+            defaults = cls().options()  # after validation, so derived defaults (e.g. a budget) show
+        except ValueError:  # a method that needs an argument (a calibration profile) shows its raw defaults
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         for field in dataclasses.fields(cls):
             kind = field.type if isinstance(field.type, str) else field.type.__name__
             print(f"    {field.name}: {kind} = {defaults[field.name]!r}")

@@ -1,4 +1,5 @@
-"""An attention function that observes post-RoPE queries and keys, then defers to the real one.
+"""An attention function that observes post-RoPE queries and keys, then defers to the real one
+(for the active rows' queries only, in a frozen layer: see ``engine.freeze``).
 
 Registered through transformers' ``AttentionInterface`` under ``tokenreduce_<backend>`` (with the
 backend's own mask function), so the model keeps SDPA / eager / flash attention unchanged and
@@ -37,9 +38,14 @@ def wrapped_attention(original: str) -> str:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any):
         engine = getattr(module, ENGINE_ATTR, None)
+        backend = _backend(module, original)
         if engine is not None:
             engine.observe_attention(module, query, key, kwargs)
-        return _backend(module, original)(module, query, key, value, attention_mask, **kwargs)
+            if engine.frozen is not None:  # a frozen layer runs only its active rows' queries
+                out = engine.frozen.attention(module, backend, query, key, value, attention_mask, kwargs)
+                if out is not None:
+                    return out
+        return backend(module, query, key, value, attention_mask, **kwargs)
 
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, attention)

@@ -14,6 +14,7 @@ Hooks (all scoped to one model instance and removed by ``unpatch``):
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import partial, wraps
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..models import ModelAdapter
 from ..ops import compaction_index, last_query_importance, take_rows, weighted_merge
 from .attention import ENGINE_ATTR, wrapped_attention
 from .cache import ReducedDynamicLayer, check_reducible
+from .freeze import FrozenLayers
 from .masks import select_mask
 from .stats import Record
 from .timer import Timer
@@ -150,6 +152,7 @@ class HFEngine:
         self.record: Record | None = None
         self.timer: Timer | None = None
         self.handles: list[Any] = []
+        self.frozen: FrozenLayers | None = None
         self.undo: list[Any] = []  # what methods' setup() installed, undone last-in first-out
         self.generation: dict[str, Any] | None = None  # visual inputs generate() encoded, its expand size
         self.recording = False
@@ -196,6 +199,19 @@ class HFEngine:
                 delattr(layer.self_attn, ENGINE_ATTR)
         self.text_config._attn_implementation = self.original_attention
         self.state = None
+
+    def freeze(self, layers: set[int]) -> Callable[[], None]:
+        """Leave visual rows frozen in ``layers`` during prefill (see ``engine.freeze``); returns the undo."""
+        if self.frozen is not None:
+            raise ValueError("another method already freezes layers of this model")
+        self.frozen = FrozenLayers(self, layers)
+        self.text_config._attn_implementation = wrapped_attention(self.original_attention)
+
+        def undo() -> None:
+            self.frozen.remove()
+            self.frozen = None
+
+        return undo
 
     def stats(self):
         """What the last prefill did (see :class:`~tokenreduce.engine.stats.Stats`)."""
@@ -366,6 +382,8 @@ class HFEngine:
             [merged.any(), dropped.any(), counts.min(), counts.max()]).tolist()
         if not any_merged and not any_dropped:
             return hidden
+        note = self.record.method_steps.setdefault(method.name, {})
+        note[idx] = (st.rows.shape[1], high)  # rows (longest sample) before and after this step
         size = st.size
         if any_merged:
             hidden, size = weighted_merge(hidden, size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device))

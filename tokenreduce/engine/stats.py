@@ -20,8 +20,9 @@ class Stats:
     layer saw them (a merged token counts once). ``kept_indices[b][l]``: the original sequence
     positions of the rows layer ``l`` processed for sample ``b``. ``reduce_ms``: wall-clock of
     the reduction's own work (selection, merging, compaction, importance). ``decode_steps``:
-    forwards over generated tokens since that prefill. ``stages``: per stage (e.g. ``"vision"``, or a
-    method's name), what it did, as the stage reports it (e.g. patches the vision tower encoded).
+    forwards over generated tokens since that prefill. ``stages``: per stage (e.g. ``"vision"``) or
+    method, what it did: a vision stage reports e.g. the patches the tower encoded; every method that
+    reduced rows reports ``rows_before_after_layer`` ({layer: (rows before, rows after)}, longest sample).
     """
 
     method: str
@@ -69,6 +70,7 @@ class Record:
                  stages: dict[str, dict] | None = None) -> None:
         self.method, self.layout, self.timer = method, layout, timer
         self.stages = {} if stages is None else stages
+        self.method_steps: dict[str, dict[int, tuple[int, int]]] = {}  # method -> layer -> rows before, after
         self.rows: list[torch.Tensor | None] = [None] * num_layers
         self.decode_steps = 0
 
@@ -84,4 +86,10 @@ class Record:
                      layer_tokens=[r.shape[1] for r in rows],
                      visual_tokens_in=visual.sum(dim=1).tolist(), visual_tokens_kept=last,
                      kept_indices=kept, reduce_ms=self.timer.total_ms(), decode_steps=self.decode_steps,
-                     layout=self.layout, stages={k: dict(v) for k, v in self.stages.items()})
+                     layout=self.layout, stages=self._stages())
+
+    def _stages(self) -> dict[str, dict]:
+        out = {k: dict(v) for k, v in self.stages.items()}
+        for method, steps in self.method_steps.items():
+            out.setdefault(method, {})["rows_before_after_layer"] = dict(steps)
+        return out

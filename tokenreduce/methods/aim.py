@@ -1,0 +1,137 @@
+"""AIM (Zhong et al., 2024, arXiv 2412.03248): adaptive inference of multimodal LLMs by token
+merging before the LLM and progressive pruning inside it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import topk_mask
+from ..ops.frames import frame_slots
+from .base import Method, Selection, Step, check_fraction, check_layer
+
+
+@dataclass
+class AIM(Method):
+    """Before LLM layer 0, iterative bipartite merging inside each frame or image: its tokens are
+    split alternately into sets A and B, each A token is matched to its most similar B token
+    (cosine of the embeddings), and the best-matched A tokens merge into their match; rounds
+    repeat (each can at most halve a frame) until each frame keeps ``retention`` of its tokens,
+    or for exactly ``rounds`` halving rounds (the paper: two, r = N/2 then N/4, keeping 25%).
+    Inside the LLM, progressive pruning: all visual tokens up to layer ``prune_start`` (default
+    half the depth, the paper's 14 of 28), then before each following layer an equal share more
+    is dropped, by the attention the last ``last_queries`` rows pay, until none remain after
+    layer ``prune_end`` (default three quarters of the depth, the paper's 21 of 28).
+
+    Deviations from the official code: merging is size-weighted and sizes are carried into the
+    LLM (official: unweighted mean); a merged token keeps its earliest member's original position
+    (official: Qwen2-VL's grid is shrunk and positions rebuilt); pruning really removes tokens
+    (official: attention masking, no compute saved) and ranks them by the last rows' attention
+    from SDPA-compatible q.K (official: a PageRank-like score over eager attention).
+    """
+
+    name: ClassVar[str] = "aim"
+    description: ClassVar[str] = "bipartite merging in each frame before the LLM, then progressive pruning (AIM)"
+    stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
+
+    retention: float = 0.25
+    rounds: int | None = None
+    prune: bool = True
+    prune_start: int | None = None
+    prune_end: int | None = None
+    last_queries: int = 8
+
+    def validate(self) -> None:
+        check_fraction("retention", self.retention)
+        if self.rounds is not None:
+            check_layer("rounds", self.rounds, minimum=1)
+        for name in ("prune_start", "prune_end"):
+            if getattr(self, name) is not None:
+                check_layer(name, getattr(self, name))
+        if None not in (self.prune_start, self.prune_end) and self.prune_end < self.prune_start:
+            raise ValueError(f"aim: prune_end={self.prune_end} is before prune_start={self.prune_start}")
+        check_layer("last_queries", self.last_queries, minimum=1)
+
+    @property
+    def n_queries(self) -> int:
+        return self.last_queries
+
+    def schedule(self, num_layers: int) -> tuple[int, int]:
+        """(start, end): pruning drops visual tokens before layers start+1 .. end+1."""
+        start = num_layers // 2 if self.prune_start is None else self.prune_start
+        # the default end leaves at least one layer after the last drop (shallow models)
+        end = min((3 * num_layers) // 4, num_layers - 2) if self.prune_end is None else self.prune_end
+        return start, max(start, end)
+
+    def check_model(self, num_layers: int) -> None:
+        start, end = self.schedule(num_layers)
+        if self.prune and end + 1 >= num_layers:
+            raise ValueError(f"aim: the pruning schedule {start}..{end} needs layers after it, but the model has "
+                             f"{num_layers} LLM layers; choose prune_end <= {num_layers - 2} or prune=False")
+
+    def prune_layers(self, num_layers: int) -> range:
+        start, end = self.schedule(num_layers)
+        return range(start + 1, end + 2) if self.prune else range(0)
+
+    def act_layers(self, num_layers: int) -> set[int]:
+        return {0, *self.prune_layers(num_layers)}
+
+    def score_layers(self, num_layers: int) -> set[int]:
+        return {layer - 1 for layer in self.prune_layers(num_layers)}
+
+    def reduce(self, step: Step) -> Selection | None:
+        if step.layer == 0:
+            return self._merge(step)
+        start, end = self.schedule(step.num_layers)
+        if "base" not in step.memo:  # visual tokens each sample had when pruning began
+            step.memo["base"] = step.visual.sum(dim=1)
+        left = 1 - (step.layer - start) / (end + 1 - start)
+        target = torch.ceil(step.memo["base"].double() * left - 1e-9).long().clamp(min=0)
+        keep = topk_mask(step.importance, step.visual, target)
+        return Selection.keep(step.valid & (~step.visual | keep))
+
+    def _merge(self, step: Step) -> Selection | None:
+        if self.retention >= 1 and self.rounds is None:
+            return None
+        member = step.visual & (step.frame >= 0)
+        slots = frame_slots(member, step.item, step.frame, step.cell, step.max_items, step.max_frames,
+                            step.max_cells)
+        present = slots.present.clone()
+        feats = slots.gather(step.hidden).float()  # [G, C, D]
+        size = slots.gather(step.size).float() * present
+        n0 = present.sum(dim=1)
+        target = torch.ceil(n0.double() * self.retention - 1e-9).long()
+        cells = torch.arange(present.shape[1], device=present.device).expand_as(present)
+        rep = cells.clone()  # each slot's current representative slot
+        rounds = self.rounds or max(1, math.ceil(math.log2(1 / self.retention)) + 1)
+        for _ in range(rounds):  # a bounded count known on the host (no data-dependent loop)
+            n = present.sum(dim=1)
+            order = present.long().cumsum(dim=1) - 1
+            a_set, b_set = present & (order % 2 == 0), present & (order % 2 == 1)
+            unit = F.normalize(feats, dim=-1)
+            sim = unit @ unit.transpose(1, 2)
+            sim = sim.masked_fill(~b_set[:, None, :], float("-inf"))
+            best, match = sim.max(dim=2)
+            best = best.masked_fill(~a_set, float("-inf"))
+            r = (n - target).clamp(min=0) if self.rounds is None else n // 2
+            r = torch.minimum(r, a_set.sum(dim=1))
+            merged = topk_mask(best, a_set, r)
+            # size-weighted means of B tokens and the A tokens merging into them
+            into = torch.where(merged, match, cells)
+            w = size[..., None] * feats
+            total = torch.zeros_like(feats).scatter_add_(1, into[..., None].expand_as(feats), w)
+            new_size = torch.zeros_like(size).scatter_add_(1, into, size)
+            feats = torch.where((new_size > 0)[..., None], total / new_size.clamp(min=1e-6)[..., None], feats)
+            size = torch.where(merged, 0.0, new_size)
+            present = present & ~merged
+            rep = into.gather(1, rep)
+        # the surviving row of each group of merged tokens is its earliest member (original position)
+        row = slots.flat % step.rows.shape[1]
+        first = torch.full_like(row, step.rows.shape[1]).scatter_reduce_(
+            1, rep, torch.where(slots.present, row, step.rows.shape[1]), reduce="amin")
+        dest = slots.scatter(first.gather(1, rep))
+        return Selection(torch.where(member, dest, step.row_index()))

@@ -1,0 +1,133 @@
+"""ShortV (Yuan et al., 2025, arXiv 2504.00502): freeze visual tokens in the LLM layers that barely
+change the output, found by a calibration of each layer's contribution."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..profiles import load_profile
+from .base import Method
+
+PROFILE_VERSION = 1
+
+
+@dataclass
+class ShortV(Method):
+    """In the chosen layers, visual tokens are frozen: they get no query, attention output or MLP
+    (their rows are not computed) and pass through unchanged, while their hidden states still supply
+    keys and values to the text. The layers come from a calibration profile (the ``frozen_fraction``
+    of layers with the lowest Layer Contribution; the paper freezes 19 of 32, about 0.6) or are
+    given directly as ``layers``.
+
+    Layer Contribution (:meth:`calibrate`): for each layer, the KL divergence of the last token's
+    next-token distribution when that layer's update to the visual tokens is zeroed (exactly what
+    freezing that single layer does), averaged over the calibration samples.
+
+    Deviations: the query projection still runs on frozen rows (see ``engine.freeze``); batches
+    of any size; the visual tokens are found from the prompt's layout (official: env-var layer list,
+    hard-coded image offset, batch 1). Freezing acts in prefill; generated tokens are text.
+    """
+
+    name: ClassVar[str] = "shortv"
+    description: ClassVar[str] = "visual tokens skip the least useful LLM layers, found by calibration (ShortV)"
+    stages: ClassVar[tuple[str, ...]] = ("freeze",)
+
+    profile: dict | str | None = None
+    frozen_fraction: float = 0.6
+    layers: tuple[int, ...] | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.frozen_fraction, (int, float)) or not 0 <= self.frozen_fraction <= 1:
+            raise ValueError(f"shortv: frozen_fraction must be in [0, 1], got {self.frozen_fraction!r}")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+                raise ValueError(f"shortv: layers must be non-negative integers, got {self.layers}")
+        if self.profile is not None:
+            self.profile = load_profile(self.profile)
+            if self.profile.get("method") != self.name:
+                raise ValueError(f"shortv: the profile is for method {self.profile.get('method')!r}, not shortv")
+            if not isinstance(self.profile.get("layer_contribution"), list):
+                raise ValueError("shortv: the profile has no 'layer_contribution' list; recalibrate")
+
+    def act_layers(self, num_layers: int) -> set[int]:
+        return set()
+
+    def frozen_layers(self, num_layers: int) -> list[int]:
+        """The layers whose visual rows are frozen, lowest contribution first."""
+        if self.layers is not None:
+            return sorted(self.layers)
+        if self.profile is None:
+            raise ValueError("shortv needs a calibration profile (tokenreduce.calibrate(model, 'shortv', samples) "
+                             "or 'tokenreduce calibrate shortv ...') or explicit layers=(...)")
+        contribution = self.profile["layer_contribution"]
+        count = round(self.frozen_fraction * num_layers)
+        return sorted(sorted(range(num_layers), key=lambda i: (contribution[i], i))[:count])
+
+    def check_model(self, num_layers: int) -> None:
+        if self.profile is not None and self.layers is None and self.profile.get("num_layers") != num_layers:
+            raise ValueError(f"shortv: the profile was calibrated on a {self.profile.get('num_layers')}-layer "
+                             f"{self.profile.get('architecture')}, this model has {num_layers} LLM layers")
+        bad = [i for i in self.frozen_layers(num_layers) if i >= num_layers]
+        if bad:
+            raise ValueError(f"shortv: layers {bad} do not exist; the model has {num_layers} LLM layers")
+
+    def setup(self, engine: Any) -> Callable[[], None] | None:
+        arch = type(engine.model).__name__
+        if self.profile is not None and self.layers is None and self.profile.get("architecture") != arch:
+            raise ValueError(f"shortv: the profile was calibrated on {self.profile.get('architecture')}, "
+                             f"not {arch}; calibrate this model")
+        layers = self.frozen_layers(engine.num_layers)
+        return engine.freeze(set(layers)) if layers else None
+
+    @classmethod
+    def calibrate(cls, model: Any, samples: Iterable[dict[str, Any]], progress: bool = True,
+                  **options: Any) -> dict[str, Any]:
+        """Layer Contribution of every LLM layer for visual tokens, averaged over ``samples`` (dicts of
+        model inputs holding images or videos, e.g. a processor's output), as a profile dict."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from .. import api
+
+        if options:
+            raise TypeError(f"shortv calibration takes no options {sorted(options)}")
+        samples = list(samples)
+        if not samples:
+            raise ValueError("shortv calibration needs at least one sample with an image or video")
+        num_layers = len(_adapter_layers(model))
+        total = torch.zeros(num_layers, dtype=torch.float64)
+        bar = tqdm(total=len(samples) * (num_layers + 1), desc="shortv calibration", disable=not progress)
+        with torch.no_grad():
+            for sample in samples:
+                dense = _last_log_probs(model, sample)
+                bar.update()
+                for layer in range(num_layers):
+                    api.patch(model, cls(layers=(layer,)))
+                    try:
+                        frozen = _last_log_probs(model, sample)
+                        if api.stats(model).visual_tokens_in[0] == 0:
+                            raise ValueError("a shortv calibration sample has no image or video tokens")
+                    finally:
+                        api.unpatch(model)
+                    # KL(dense || frozen) of the last token's next-token distribution, per sample
+                    kl = (dense.exp() * (dense - frozen)).sum(dim=-1).mean()
+                    total[layer] += float(kl)
+                    bar.update()
+        bar.close()
+        return {"method": cls.name, "version": PROFILE_VERSION, "architecture": type(model).__name__,
+                "model_type": getattr(model.config, "model_type", None), "num_layers": num_layers,
+                "samples": len(samples), "layer_contribution": (total / len(samples)).tolist()}
+
+
+def _adapter_layers(model: Any) -> list:
+    from ..models import adapter_for
+
+    return list(adapter_for(model).layers(model))
+
+
+def _last_log_probs(model: Any, sample: dict[str, Any]):
+    logits = model(**sample).logits[:, -1].float()
+    return logits.log_softmax(dim=-1)

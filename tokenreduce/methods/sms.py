@@ -1,0 +1,100 @@
+"""Sparsity Meets Similarity (arXiv 2409.01162): a data-dependent number of visual tokens per image
+from the knee of the similarity-to-reference curve, then a second round inside the LLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import topk_mask
+from ..ops.frames import frame_slots
+from ..ops.knee import RULES, knee_count
+from .base import Method, Selection, Step, check_fraction, check_layer
+
+
+@dataclass
+class SMS(Method):
+    """Round one, before LLM layer 0, per image or video frame: the cosine similarity of each visual
+    token to the frame's reference token is sorted; the knee of that long-tail curve (``knee``
+    rule: ``"kneedle"`` or the derivative rule ``"slope"`` with threshold ``slope``) decides how many
+    of the most similar tokens the frame keeps, so the count depends on the data; ``retention``
+    (None by default) caps it at that fraction of the frame. Round two, before LLM layer
+    ``second_layer``: keep ``second_retention`` of the visual tokens round one kept, ranked by the
+    attention the last ``last_queries`` rows (the text) pay them (``second_round=False`` skips it).
+
+    Reference token: the paper uses the vision encoder's CLS token. None of the supported towers
+    hands one to the LLM (Qwen-VL ViTs and SigLIP have none; LLaVA-NeXT-Video's CLIP CLS is dropped
+    by its feature selection), so the reference is the size-weighted mean of the frame's visual
+    tokens as they enter the LLM (the documented substitute for CLS-less towers), and similarities
+    are taken on those tokens (the tower's output after the projector). Tokens are really removed.
+    """
+
+    name: ClassVar[str] = "sms"
+    description: ClassVar[str] = "keep visual tokens before the knee of similarity-to-reference, then prune (SMS)"
+    stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
+
+    retention: float | None = None
+    knee: str = "kneedle"
+    slope: float = 1.0
+    second_round: bool = True
+    second_layer: int = 2
+    second_retention: float = 0.5
+    last_queries: int = 1
+
+    def validate(self) -> None:
+        check_fraction("retention", self.retention, allow_none=True)
+        if self.knee not in RULES:
+            raise ValueError(f"sms: unknown knee rule {self.knee!r}; available: {', '.join(RULES)}")
+        if not isinstance(self.slope, (int, float)) or self.slope <= 0:
+            raise ValueError(f"sms: slope must be a positive number, got {self.slope!r}")
+        check_layer("second_layer", self.second_layer, minimum=1)
+        check_fraction("second_retention", self.second_retention)
+        check_layer("last_queries", self.last_queries, minimum=1)
+
+    @property
+    def n_queries(self) -> int:
+        return self.last_queries
+
+    def check_model(self, num_layers: int) -> None:
+        if self.second_round and self.second_layer >= num_layers:
+            raise ValueError(f"sms: second_layer={self.second_layer} but the model has {num_layers} LLM layers; "
+                             f"choose 1 <= second_layer <= {num_layers - 1} or second_round=False")
+
+    def act_layers(self, num_layers: int) -> set[int]:
+        return {0, self.second_layer} if self.second_round else {0}
+
+    def score_layers(self, num_layers: int) -> set[int]:
+        return {self.second_layer - 1} if self.second_round else set()
+
+    def reduce(self, step: Step) -> Selection | None:
+        if step.layer == 0:
+            keep = self.first_round(step)
+        else:
+            left = step.visual.sum(dim=1)
+            target = torch.ceil(left.double() * self.second_retention - 1e-9).long()
+            keep = topk_mask(step.importance, step.visual, target)
+        return Selection.keep(step.valid & (~step.visual | keep))
+
+    def first_round(self, step: Step) -> torch.Tensor:
+        """``[B, L]``: the visual rows each frame keeps before its knee (others False)."""
+        member = step.visual & (step.frame >= 0)
+        slots = frame_slots(member, step.item, step.frame, step.cell, step.max_items, step.max_frames,
+                            step.max_cells)
+        feats = slots.gather(step.hidden).float()
+        weight = (slots.gather(step.size).float() * slots.present)[..., None]
+        reference = (feats * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-6)
+        sim = F.cosine_similarity(feats, reference[:, None, :], dim=-1)
+        sim = sim.masked_fill(~slots.present, float("-inf"))
+        n = slots.present.sum(dim=1)
+        ordered, order = torch.sort(sim, dim=1, descending=True, stable=True)
+        count = knee_count(ordered, n, self.knee, self.slope)
+        if self.retention is not None:
+            count = torch.minimum(count, torch.ceil(n.double() * self.retention - 1e-9).long().clamp(min=1))
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                                .expand_as(order))
+        keep_slot = slots.present & (rank < count[:, None])
+        step.memo["first_counts"] = count
+        return slots.scatter(keep_slot.long(), fill=0).bool() & member | (step.visual & (step.frame < 0))

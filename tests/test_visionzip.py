@@ -14,6 +14,7 @@ from torch.nn import functional as F
 import tokenreduce
 from tokenreduce.methods import Method
 from tokenreduce.methods.visionzip import VisionZip, zip_frames
+from tokenreduce.models import tower_probe
 from tokenreduce.testing import make_frames, make_inputs, tiny_model
 
 FRAME = {"qwen2_vl": 112, "qwen2_5_vl": 112, "qwen3_vl": 112}  # 4x4 LLM tokens per Qwen frame (tiny default: 2x2)
@@ -88,6 +89,8 @@ def test_cls_scores_match_eager_attention_and_pick_the_dominant_tokens():
     run(model, inputs)
     probe = engine_of(model).state.memo["visionzip"]["probe"]
     assert probe.reference == "cls" and probe.layer == 0  # vision_feature_layer -2 of a 2-layer tower
+    notes = tokenreduce.stats(model).stages["visionzip"]
+    assert notes["items"][0]["kept_per_frame"] == 4 and notes["items"][0]["dominant_per_frame"] == 2
     attn = _tower_ref_llava(eager, inputs, 0)  # [frames, heads, 1 + 64, 1 + 64]
     ref = attn[:, :, 0, 1:].mean(dim=1).view(-1, 1, 8, 8)
     ref = F.avg_pool2d(ref, 2).flatten(1)  # the model's 2x2 average pooling: [frames, 16]
@@ -298,3 +301,13 @@ def test_bfloat16_model():
     tokenreduce.patch(model, "visionzip", retention=0.25)
     assert torch.isfinite(run(model, inputs).float()).all()
     assert tokenreduce.stats(model).visual_tokens_kept == [8]
+
+
+def test_received_attention_chunks_add_up(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 2, 10, 4, generator=gen), torch.randn(3, 2, 10, 4, generator=gen)
+    full = (q @ k.transpose(-1, -2) * 0.5).softmax(dim=-1).mean(dim=(1, 2))
+    monkeypatch.setattr(tower_probe, "ELEMENTS_PER_CHUNK", 30)  # one segment, a few queries at a time
+    torch.testing.assert_close(tower_probe.mean_received_attention(q, k, 0.5), full)
+    cls = (q[:, :, :1] @ k.transpose(-1, -2) * 0.5).softmax(dim=-1)[:, :, 0, 1:].mean(dim=1)
+    torch.testing.assert_close(tower_probe.cls_attention(q, k, 0.5), cls)

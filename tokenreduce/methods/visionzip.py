@@ -127,7 +127,7 @@ class VisionZip(Method):
         records = _records_per_item(memo["records"], grids)
         cells_of = torch.zeros(len(grids), step.max_items, dtype=torch.long)
         start_of = torch.zeros(len(grids), step.max_items, dtype=torch.long)
-        tables, offset, done, counts = [], 0, {}, {}
+        tables, offset, done, counts = [], 0, {}, []
         for b, sample in enumerate(grids):
             for i, spec in enumerate(sample):
                 record = records[b][i]
@@ -143,7 +143,8 @@ class VisionZip(Method):
                 tables.append(torch.where(dest >= 0, dest + frame_start, -1).flatten())
                 cells_of[b, i], start_of[b, i] = spec.cells, offset
                 offset += spec.frames * spec.cells
-                counts[(b, i)] = (keep, dominant)
+                counts.append({"sample": b, "item": i, "frames": spec.frames, "tokens_per_frame": spec.cells,
+                               "kept_per_frame": keep, "dominant_per_frame": dominant})
         if not tables:
             return None
         table = torch.cat(tables)
@@ -161,8 +162,7 @@ class VisionZip(Method):
         goes_to = table[flat.clamp(min=0)]
         dest_row = row_of[torch.where(goes_to >= 0, goes_to, offset)]
         dest = torch.where(in_frame, dest_row, torch.where(step.valid, rows, -1))
-        memo["notes"]["visionzip"] = {"reference": probe.reference, "tower_layer": probe.layer,
-                                      "kept_dominant_per_frame": {f"{b}/{i}": v for (b, i), v in counts.items()}}
+        memo["notes"]["visionzip"] = {"reference": probe.reference, "tower_layer": probe.layer, "items": counts}
         return Selection(dest)
 
 

@@ -14,7 +14,10 @@ import tokenreduce
 from tokenreduce.methods import Method, Selection, Step
 from tokenreduce.testing import make_frames, make_inputs, tiny_model
 
-METHODS = [("framefusion", {"retention": 0.3}), ("fastv", {"retention": 0.5})]
+METHODS = [("framefusion", {"retention": 0.3}), ("fastv", {"retention": 0.5}), ("aim", {"retention": 0.5}),
+           ("evs", {"retention": 0.5}), ("pyramiddrop", {"retention": 0.5}), ("sms", {"retention": 0.5})]
+IDENTITY = [("framefusion", {}), ("fastv", {}), ("aim", {"prune": False}), ("evs", {}), ("pyramiddrop", {}),
+            ("sms", {"knee": "slope", "slope": 1e-9, "second_round": False}), ("shortv", {"layers": ()})]
 
 
 @dataclass
@@ -32,14 +35,16 @@ class DropRows(Method):
         return Selection.keep(step.valid & ~torch.isin(step.rows, torch.tensor(self.drop)))
 
 
-@pytest.mark.parametrize("name", ["framefusion", "fastv"])
-def test_retention_one_is_identity(family, name):
+@pytest.mark.parametrize("name, options", IDENTITY)
+def test_retention_one_is_identity(family, name, options):
     model = tiny_model(family)
     inputs = video_inputs(model, n=2, text_lens=[5, 9])
     with torch.no_grad():
         dense = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        tokenreduce.patch(model, name, retention=1.0)
+        if name != "shortv":
+            options = {"retention": 1.0, **options}
+        tokenreduce.patch(model, name, **options)
         out = model(**inputs).logits
         assert torch.allclose(out, dense, atol=1e-5, rtol=0)
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen)

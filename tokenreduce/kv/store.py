@@ -20,7 +20,7 @@ from ..ops.lsh import hamming_top1, lsh_planes, lsh_signatures
 EVICTIONS = ("lru", "fifo")
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     """One stored prompt: LSH signatures ``[L, W]`` and each layer's keys/values ``[Hkv, L, d]``."""
 
@@ -95,12 +95,13 @@ class KVStore:
         with self._lock:
             candidates = [e for e in self._entries if e.namespace == namespace and e.model == model]
             best: Match | None = None
+            best_rank = (0, 0)
             for entry in candidates:
                 index, distance = hamming_top1(signatures, entry.signatures.to(signatures.device))
                 match = Match(entry, index, distance, distance <= max_distance)
-                if best is None or (match.matched.sum(), -match.distance.sum()) > (
-                        best.matched.sum(), -best.distance.sum()):
-                    best = match
+                rank = (int(match.matched.sum()), -int(distance.sum()))
+                if best is None or rank > best_rank:
+                    best, best_rank = match, rank
             if best is not None:
                 best.entry.used = next(self._clock)
             return best

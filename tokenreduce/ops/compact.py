@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+
+from .. import kernels
 
 
 class Compaction(NamedTuple):
@@ -42,6 +45,17 @@ def take_rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     ``t`` has its batch dimension just before ``dim`` (size B or 1, broadcast) and any number of
     leading dimensions (M-RoPE's 3 position planes) and trailing ones (head_dim)."""
     dim = dim % t.ndim
+    if dim >= 1 and kernels.use("gather_rows", t):
+        shape = t.shape
+        lead, trail = math.prod(shape[:dim - 1]), math.prod(shape[dim + 1:])
+        out = torch.ops.tokenreduce.gather_rows(t.reshape(lead, shape[dim - 1], 1, shape[dim], trail), index)
+        return out.view(*shape[:dim - 1], index.shape[0], index.shape[1], *shape[dim + 1:])
+    return take_rows_reference(t, index, dim)
+
+
+def take_rows_reference(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Torch reference of :func:`take_rows`."""
+    dim = dim % t.ndim
     bsz = index.shape[0]
     shape = list(t.shape)
     shape[dim - 1] = bsz
@@ -50,3 +64,21 @@ def take_rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     idx_shape = list(t.shape)
     idx_shape[dim] = index.shape[1]
     return t.gather(dim, idx.expand(idx_shape))
+
+
+def compact_kv(tensors: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's keys and values ``[B, H, L, d]`` cut down to the rows ``index`` ``[B, L']`` of
+    each sample, in one call (the ``kv_compact`` kernel copies whole rows)."""
+    if tensors and kernels.use("kv_compact", *tensors):
+        return list(torch.ops.tokenreduce.kv_compact(tensors, index))
+    return compact_kv_reference(tensors, index)
+
+
+def compact_kv_reference(tensors: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    """Torch reference of :func:`compact_kv`."""
+    out = []
+    for t in tensors:
+        if t.ndim != 4:
+            raise ValueError(f"compact_kv: every tensor must be [B, H, L, d], got shape {tuple(t.shape)}")
+        out.append(t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
+    return out

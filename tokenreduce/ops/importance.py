@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
+
 
 def last_query_importance(query: torch.Tensor, key: torch.Tensor, q_index: torch.Tensor,
                           key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -14,7 +16,16 @@ def last_query_importance(query: torch.Tensor, key: torch.Tensor, q_index: torch
     ``[B, Lk]`` masks padding. Query heads ``h*g .. h*g+g-1`` share key head ``h`` (transformers'
     ``repeat_kv`` order), handled by a reshape instead of repeating keys. Causal: a query never
     sees a later key. Returns float32 ``[B, Lk]``; only ``B * Hq * n * Lk`` scores exist at once.
+    The ``qk_importance`` kernel (where enabled) agrees within float32 rounding.
     """
+    if kernels.use("qk_importance", query, key):
+        return torch.ops.tokenreduce.qk_importance(query, key, q_index, key_valid, float(scaling))
+    return last_query_importance_reference(query, key, q_index, key_valid, scaling)
+
+
+def last_query_importance_reference(query: torch.Tensor, key: torch.Tensor, q_index: torch.Tensor,
+                                    key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Torch reference of :func:`last_query_importance`."""
     bsz, hq, _, dim = query.shape
     hkv, n = key.shape[1], q_index.shape[1]
     q = query.gather(2, q_index[:, None, :, None].expand(-1, hq, -1, dim))

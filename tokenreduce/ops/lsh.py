@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
+
 WORD = 64
 
 
@@ -40,8 +42,18 @@ def lsh_signatures(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
     Bit ``i`` of word ``w`` is set when the projection on plane ``64 * w + i`` is positive (> 0, so
     a zero vector has no bits set); the bits past ``bits`` in the last word are zero. Projections are
-    computed in float32 whatever the input dtype.
+    computed in float32 whatever the input dtype (the kernel's may differ only for projections within
+    float32 rounding of zero).
     """
+    _check_signature_args(x, planes)
+    if kernels.use("lsh_signatures", x, planes):
+        out = torch.ops.tokenreduce.lsh_signatures(x.reshape(-1, x.shape[-1]), planes)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return lsh_signatures_reference(x, planes)
+
+
+def lsh_signatures_reference(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """Torch reference of :func:`lsh_signatures`."""
     _check_signature_args(x, planes)
     bits = planes.shape[1]
     words = -(-bits // WORD)
@@ -64,13 +76,27 @@ def hamming_top1(query: torch.Tensor, store: torch.Tensor, chunk: int = 4096
 
     Returns ``(index [Q], distance [Q])`` int64: the smallest Hamming distance, the lowest store
     index on ties. An empty store gives index -1 and distance ``64 * W`` (farther than any match).
-    Works on ``chunk`` queries at a time so at most ``chunk * S * W * 8`` bytes of XORs exist at once.
+    The reference works on ``chunk`` queries at a time so at most ``chunk * S * W * 8`` bytes of XORs
+    exist at once; the kernel keeps none.
     """
+    _check_hamming_args(query, store)
+    if kernels.use("hamming_top1", query, store):
+        return tuple(torch.ops.tokenreduce.hamming_top1(query, store))
+    return hamming_top1_reference(query, store, chunk)
+
+
+def _check_hamming_args(query: torch.Tensor, store: torch.Tensor) -> None:
     if query.ndim != 2 or store.ndim != 2 or query.shape[1] != store.shape[1]:
         raise ValueError(f"hamming_top1 needs query [Q, W] and store [S, W] with the same W, "
                          f"got {tuple(query.shape)} and {tuple(store.shape)}")
     if query.dtype != torch.int64 or store.dtype != torch.int64:
         raise ValueError(f"signatures must be int64 words (lsh_signatures), got {query.dtype} and {store.dtype}")
+
+
+def hamming_top1_reference(query: torch.Tensor, store: torch.Tensor, chunk: int = 4096
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of :func:`hamming_top1`."""
+    _check_hamming_args(query, store)
     n_query, words = query.shape
     if store.shape[0] == 0:
         return (torch.full((n_query,), -1, dtype=torch.int64, device=query.device),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
+
 
 def same_cell_predecessor(group: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Row index of the previous row of the same sample with the same ``group`` id, or -1.
@@ -33,7 +35,33 @@ def same_cell_predecessor(group: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 
 def adjacent_cosine(hidden: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity ``[B, L]`` (float32) of each row with its predecessor row; -inf without one."""
+    """Cosine similarity ``[B, L]`` (float32) of each row with its predecessor row; -inf without one.
+
+    Runs the compiled ``adjacent_similarity`` kernel where it is enabled (:mod:`tokenreduce.kernels`)."""
+    if kernels.use("adjacent_similarity", hidden):
+        return torch.ops.tokenreduce.adjacent_similarity(hidden, pred, None, 0.0)[0]
+    return adjacent_cosine_reference(hidden, pred)
+
+
+def similar_predecessors(hidden: torch.Tensor, pred: torch.Tensor, candidate: torch.Tensor, threshold: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`adjacent_cosine` fused with the threshold test: ``(sim, mergeable)``, where ``mergeable``
+    ``[B, L]`` marks candidate rows with a predecessor at cosine >= ``threshold`` (compared in float32).
+    The kernel reads each row and its predecessor once instead of gathering a copy of ``hidden``."""
+    if kernels.use("adjacent_similarity", hidden):
+        return torch.ops.tokenreduce.adjacent_similarity(hidden, pred, candidate, float(threshold))
+    return similar_predecessors_reference(hidden, pred, candidate, threshold)
+
+
+def similar_predecessors_reference(hidden: torch.Tensor, pred: torch.Tensor, candidate: torch.Tensor,
+                                   threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of :func:`similar_predecessors`."""
+    sim = adjacent_cosine_reference(hidden, pred)
+    return sim, candidate & (pred >= 0) & (sim >= threshold)
+
+
+def adjacent_cosine_reference(hidden: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Torch reference of :func:`adjacent_cosine`."""
     other = hidden.gather(1, pred.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
     cos = F.cosine_similarity(hidden.float(), other.float(), dim=-1)
     return torch.where(pred >= 0, cos, float("-inf"))

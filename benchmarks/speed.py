@@ -312,7 +312,9 @@ def parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH", help="local Hugging Face model directory")
     src.add_argument("--arch", metavar="NAME", help=f"random-weight architecture: {', '.join(ARCHS)}")
-    p.add_argument("--methods", default="framefusion,fastv", help="comma-separated (default: %(default)s)")
+    p.add_argument("--methods", default="framefusion,fastv",
+                   help="comma-separated; join names with '+' to compose them, e.g. aim+shortv; shortv "
+                        "freezes its last 60%% of layers (timing needs no profile) (default: %(default)s)")
     p.add_argument("--retentions", type=_floats, default=[0.1, 0.2, 0.3, 0.5],
                    help="comma-separated fractions of visual tokens kept (default: 0.1,0.2,0.3,0.5)")
     p.add_argument("--frames", type=int, help=f"video frames (default {DEFAULTS['frames']})")
@@ -336,6 +338,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+SHORTV_FROZEN = 0.6  # ShortV's share of frozen layers (19 of 32 in the paper) when timing without a profile
+
+
+def method_objects(spec: str, retention: float, num_layers: int) -> list:
+    """The methods of ``spec`` (a name, or names joined by '+' to compose them) at ``retention``.
+    Methods without a retention option get their defaults; ShortV, which needs a calibration profile
+    to choose its layers, freezes its last ``SHORTV_FROZEN`` share of layers (the count is what costs
+    time; which layers it is does not change the timing)."""
+    out = []
+    for name in spec.split("+"):
+        if name == "shortv":
+            count = round(SHORTV_FROZEN * num_layers)
+            out.append(make_method(name, layers=tuple(range(num_layers - count, num_layers))))
+        elif "retention" in make_method(name).options():
+            out.append(make_method(name, retention=retention))
+        else:
+            out.append(make_method(name))
+    return out
+
+
 def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults (``--quick`` ones where asked) and turn bad options into ``parser.error``."""
     defaults = {**DEFAULTS, **(QUICK if args.quick else {})}
@@ -350,13 +372,14 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Na
         p.error(f"--model {args.model!r} is not a directory")
     args.method_list = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     available = tokenreduce.methods()
-    for m in args.method_list:
-        if m not in available:
-            listing = "; ".join(f"{k} ({v})" for k, v in available.items())
-            p.error(f"unknown method {m!r}; available: {listing}")
+    for spec in args.method_list:
+        for m in spec.split("+"):
+            if m not in available:
+                listing = "; ".join(f"{k} ({v})" for k, v in available.items())
+                p.error(f"unknown method {m!r}; available: {listing}")
         for r in args.retentions:
             try:
-                make_method(m, retention=r)
+                method_objects(spec, r, num_layers=64)
             except (ValueError, TypeError) as e:
                 p.error(f"--retentions {r}: {e}")
     for key in ("frames", "size", "repeats", "decode_tokens"):
@@ -441,7 +464,8 @@ def run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         bar.set_postfix_str(method if retention is None else f"{method} {retention:g}")
         try:
             if method != "dense":
-                tokenreduce.patch(model, method, retention=retention)
+                layers = model.config.text_config.num_hidden_layers
+                tokenreduce.patch(model, method_objects(method, retention, layers))
         except (TypeError, ValueError) as e:
             p.error(str(e))
         rows.append(measure(model, inputs, method, retention, args))

@@ -112,8 +112,8 @@ class AIM(Method):
             n = present.sum(dim=1)
             order = present.long().cumsum(dim=1) - 1
             a_set, b_set = present & (order % 2 == 0), present & (order % 2 == 1)
-            unit = F.normalize(feats, dim=-1)
-            sim = unit @ unit.transpose(1, 2)
+            unit = F.normalize(feats, dim=-1).to(step.hidden.dtype)  # bf16 matmul on GPU: tensor cores
+            sim = (unit @ unit.transpose(1, 2)).float()
             sim = sim.masked_fill(~b_set[:, None, :], float("-inf"))
             best, match = sim.max(dim=2)
             best = best.masked_fill(~a_set, float("-inf"))

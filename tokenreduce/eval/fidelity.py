@@ -44,7 +44,7 @@ class MergeResult:
 
 
 def why_not_measurable(cls: type[Method]) -> str | None:
-    """None if ``reduce(Step)`` of ``cls`` can run on features alone, else the reason it cannot."""
+    """None if ``reduce(Step)`` of ``cls`` acts before LLM layer 0 on features alone, else the reason it cannot."""
     if cls.engine != "hf":
         return f"runs in the {cls.engine!r} engine (KV cache), not on visual tokens"
     for stage in cls.stages:
@@ -52,6 +52,12 @@ def why_not_measurable(cls: type[Method]) -> str | None:
             return f"stage {stage!r} {NOT_DRIVABLE[stage]}"
     if "retention" not in {f.name for f in fields(cls)}:
         return "has no retention option to sweep"
+    try:
+        method = cls()
+    except (TypeError, ValueError) as err:
+        return f"cannot be built with default options ({err})"
+    if 0 not in method.act_layers(NUM_LAYERS):
+        return "acts only inside the LLM, choosing by its attention (features alone cannot drive it)"
     return None
 
 
@@ -89,9 +95,9 @@ def video_step_tensors(features: torch.Tensor, seed: int = 0) -> dict[str, torch
 
 
 def drive(method: Method, features: torch.Tensor, num_layers: int = NUM_LAYERS, seed: int = 0) -> MergeResult:
-    """Run ``method`` before every LLM layer it acts on, applying its Selections as the engine does
-    (size-weighted merge into the destination row, then compaction; the last prompt row is never
-    removed), on ``features`` ``[T, h, w, D]``; measure what the visual tokens lost."""
+    """Run ``method``'s step before LLM layer 0 on ``features`` ``[T, h, w, D]`` laid out as a prompt,
+    apply its Selection as the engine does (size-weighted merge into the destination row, then
+    compaction; the last prompt row is never removed) and measure what the visual tokens lost."""
     method.check_model(num_layers)
     t = video_step_tensors(features, seed)
     hidden, kind, item, frame, cell = t["hidden"], t["kind"], t["item"], t["frame"], t["cell"]
@@ -101,15 +107,13 @@ def drive(method: Method, features: torch.Tensor, num_layers: int = NUM_LAYERS, 
     size = torch.ones(1, length)
     owner = torch.arange(length)  # the current row each original token lives in (-1: dropped)
     visual_in = (kind == VIDEO).sum(dim=1)
-    act, score = method.act_layers(num_layers), method.score_layers(num_layers)
     memo: dict[str, Any] = {}
     acted = []
-    for layer in sorted(act):
+    for layer in sorted(method.act_layers(num_layers) & {0}):
         current = rows.shape[1]
-        importance = torch.zeros(1, current) if layer - 1 in score else None
         step = Step(layer=layer, num_layers=num_layers, hidden=hidden, rows=rows, size=size,
                     kind=kind.gather(1, rows), item=item.gather(1, rows), frame=frame.gather(1, rows),
-                    cell=cell.gather(1, rows), importance=importance, visual_in=visual_in,
+                    cell=cell.gather(1, rows), importance=None, visual_in=visual_in,
                     max_frames=t["max_frames"], max_cells=t["max_cells"], max_items=1, memo=memo)
         selection: Selection | None = method.reduce(step)
         if selection is None:
@@ -156,12 +160,18 @@ def _measure(original: torch.Tensor, final: torch.Tensor, owner: torch.Tensor, v
 
 
 def sweep(features: torch.Tensor, specs: list[tuple[str, dict[str, Any]]], retentions: list[float],
-          num_layers: int = NUM_LAYERS) -> list[dict[str, Any]]:
-    """``drive`` every (method name, extra options) at every retention; one dict per run."""
+          num_layers: int = NUM_LAYERS, failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``drive`` every (method name, extra options) at every retention; one dict per run. A method whose
+    step fails on features alone (it needs something only a model gives, e.g. vision-tower attention) is
+    left out and its error put in ``failed``."""
     out = []
     for name, options in specs:
         for retention in retentions:
-            method = make_method(name, retention=retention, **options)
-            result = drive(method, features, num_layers)
+            try:
+                result = drive(make_method(name, retention=retention, **options), features, num_layers)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+                if failed is not None:
+                    failed[name] = f"its layer-0 step failed on features alone: {type(err).__name__}: {err}"
+                break
             out.append({"method": name, "options": options, "retention": retention, **result.__dict__})
     return out

@@ -121,6 +121,10 @@ class VisionZip(Method):
         if self.retention >= 1:
             return None
         memo = step.memo
+        if "probe" not in memo:
+            raise RuntimeError("visionzip ranks tokens by the vision tower's attention, which it observes through "
+                               "hooks installed by tokenreduce.patch(model, 'visionzip'); it cannot be driven on "
+                               "features alone")
         probe, grids = memo["probe"], memo["grids"]
         device = step.rows.device
         memo["records"] = probe.take()

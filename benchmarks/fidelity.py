@@ -170,7 +170,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         for ax, motion in zip(axes[row], motions, strict=True):
             for lab in names:
                 pts = sorted((v["kept_fraction"], v[key]) for k, v in means.items() if k[0] == lab and k[1] == motion)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=lab)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=lab,
+                        color=f"C{labels.index(lab) % 10}")
             ax.set_title(motion, fontsize=9)
             ax.grid(alpha=0.3)
             if row == 1:

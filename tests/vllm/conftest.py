@@ -1,5 +1,5 @@
 """Fixtures of the vLLM plugin's tests (run in the vLLM environment: integrations/vllm/run_tests.sh).
-Nothing here imports vLLM: in the main environment the test modules skip on ``importorskip("vllm")``."""
+Nothing here imports vLLM: in the main environment the test modules skip on ``importorskip("vllm.version")``."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.version")  # not just "vllm": tests/vllm itself is a namespace package "vllm"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: fast start, model reachable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,8 +77,9 @@ def _grid(family: str) -> tuple[int, int]:
     return FRAMES // 2, (SIZE // 28) ** 2  # temporal patch 2; 14 px patches merged 2 x 2
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+# one method per family keeps the suite short; both methods run every family in the tests below
+@pytest.mark.parametrize(("family", "method"), [("qwen2_vl", "framefusion"), ("qwen2_5_vl", "evs"),
+                                                ("llava_onevision", "framefusion")])
 def test_retention_one_equals_plain_vllm(model_dirs, family, method):
     dense = run(model_dirs, family, None)
     same = run(model_dirs, family, {"method": method, "retention": 1.0})

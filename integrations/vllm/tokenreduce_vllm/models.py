@@ -124,7 +124,11 @@ class _QwenReduce:
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
                                   mrope_positions: torch.Tensor, num_computed_tokens: int):
         """Strip the position channels and write the prompt's M-RoPE positions from them. All on the
-        host: one device-to-host copy of the small position channels per call."""
+        host: one device-to-host copy of the small position channels per call. Without settings this is
+        vLLM's own (Qwen2.5-VL's EVS with ``--video-pruning-rate``)."""
+        if self.tokenreduce is None:
+            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
+                                                     num_computed_tokens)
         embeds = [mm[:, :-POSITION_CHANNELS] for mm in multimodal_embeddings]
         if not multimodal_embeddings:
             channels = []

@@ -1,0 +1,91 @@
+"""The plugin behind vLLM's OpenAI-compatible server, started with ``tokenreduce serve`` on 127.0.0.1 and
+queried with the real ``openai`` client; and ``benchmarks/serve.py --quick`` (dense and reduced servers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm.version")  # not just "vllm": tests/vllm itself is a namespace package "vllm"
+openai = pytest.importorskip("openai")
+
+from tokenreduce_vllm.testing import make_video, mp4_data_url, png_data_url  # noqa: E402
+
+from tokenreduce.methods.pre_llm import video_token_count  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+FRAMES, SIZE, FPS = 8, 56, 2.0
+GRID = (FRAMES // 2, (SIZE // 28) ** 2)  # Qwen2.5-VL: temporal patch 2, 14 px patches merged 2 x 2
+METHOD, RETENTION = "framefusion", 0.5
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def client(model_dirs, tmp_path_factory):
+    """One reduced server for the module (a vLLM start is slow on a small CPU)."""
+    bench = _bench()
+    port = bench.free_port()
+    model = str(model_dirs["qwen2_5_vl"])
+    cmd = [sys.executable, "-m", "tokenreduce", "serve", model, "--method", METHOD, "--retention", str(RETENTION),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "2048", "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 1})]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with bench.Server(cmd, port, log, timeout=600):
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY"), model
+
+
+def _chat(client, model, media: dict | None) -> openai.types.chat.ChatCompletion:
+    content = ([media] if media else []) + [{"type": "text", "text": "describe"}]
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                          max_tokens=3, temperature=0.0, extra_body={"ignore_eos": True})
+
+
+def test_image_and_video_requests(client):
+    client, model = client
+    text = _chat(client, model, None)
+    image = _chat(client, model, {"type": "image_url", "image_url": {"url": png_data_url(make_video(1, SIZE)[0])}})
+    video = _chat(client, model, {"type": "video_url",
+                                  "video_url": {"url": mp4_data_url(make_video(FRAMES, SIZE, seed=1), FPS)}})
+    for reply in (text, image, video):
+        assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+    # the chat template writes <|vision_start|><|..._pad|><|vision_end|>; the pad token becomes the placeholders
+    n_image = image.usage.prompt_tokens - text.usage.prompt_tokens - 2
+    n_video = video.usage.prompt_tokens - text.usage.prompt_tokens - 2
+    assert n_image == (SIZE // 28) ** 2  # images pass through
+    assert n_video == video_token_count(METHOD, *GRID, RETENTION) < GRID[0] * GRID[1]
+
+
+def test_bad_settings_fail_before_serving():
+    """``tokenreduce serve`` refuses an in-LLM method before vLLM starts (exit code 2, one clear line)."""
+    done = subprocess.run([sys.executable, "-m", "tokenreduce", "serve", "some/model", "--method", "fastv"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "inside the LLM's layers" in done.stderr and "evs" in done.stderr
+
+
+def test_benchmark_quick(tmp_path):
+    """Dense and reduced servers, concurrency 1 and 4: every request answered, prompts reduced as counted."""
+    out = tmp_path / "bench"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--quick", "--method", "evs",
+                    "--retention", "0.3", "--out", str(out)], check=True, timeout=1800)
+    report = json.loads((out / "serve.json").read_text())
+    rows = {(r["server"], r["concurrency"]): r for r in report["rows"]}
+    assert set(rows) == {(s, c) for s in ("dense", "evs 0.3") for c in (1, 4)}
+    for row in rows.values():
+        assert row["requests"] == 4 and row["requests_per_s"] > 0 and row["ttft_p99_ms"] >= row["ttft_p50_ms"] > 0
+        assert row["output_tokens_per_s"] > 0
+    removed = GRID[0] * GRID[1] - video_token_count("evs", *GRID, 0.3)
+    for c in (1, 4):
+        assert rows[("dense", c)]["mean_prompt_tokens"] - rows[("evs 0.3", c)]["mean_prompt_tokens"] == removed
+    assert "| evs 0.3 | 4 |" in (out / "serve.md").read_text()

@@ -275,3 +275,14 @@ def test_kv_layer_is_a_dynamic_layer():
     assert isinstance(layer, KVLayer) and layer.get_seq_length() == 40 and layer.keys.shape[2] == 20
     cache.crop(-5)
     assert layer.get_seq_length() == 35 and layer.keys.shape[2] == 15
+
+
+def test_positional_arguments():
+    model = tiny_llm()
+    ids = prompt(40)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        dense = model(ids, mask).logits
+        tokenreduce.patch(model, "streamingllm", retention=1.0)
+        assert torch.equal(model(ids, mask).logits, dense)

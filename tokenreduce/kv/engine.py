@@ -8,6 +8,7 @@ attention call to the method. ``remove`` restores the attention implementation a
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from contextlib import contextmanager
@@ -57,6 +58,7 @@ class KVEngine:
         self.original_attention = self.parts.config._attn_implementation
         self.attention_name = kv_attention(self.original_attention)  # validates the backend
         self.handles: list[Any] = []
+        self.positional = [p for p in inspect.signature(model.forward).parameters if p not in ("args", "kwargs")]
         self.local = threading.local()  # the forward in flight, per thread (a server may share one model)
         self.record = KVStats(self.method.name)
 
@@ -94,8 +96,8 @@ class KVEngine:
     # forward ------------------------------------------------------------------------------
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         kwargs = dict(kwargs)
-        if args:
-            kwargs.setdefault("input_ids", args[0])
+        if args:  # positional arguments become keywords, so methods see one spelling
+            kwargs.update(zip(self.positional, args, strict=False))
             args = ()
         name = self.parts.cache_kwarg
         other = "past_key_values" if name == "cache" else "cache"

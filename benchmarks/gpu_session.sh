@@ -21,3 +21,13 @@ for arch in "${ARCHS[@]}"; do
   timeout 240 $PY benchmarks/speed.py --arch "$arch" --size "$size" "${EXTRA[@]}" --out "$OUT/$arch" \
     2>&1 | grep -v "it/s" | tail -14
 done
+# compiled kernels (csrc/): built for this GPU on first use (tests/gpu above compiled them already),
+# each measured against its torch reference at 64 frames x 169 x 3584, batch 1 and 8; then the
+# end-to-end reduction overhead with the CUDA kernels on (compare with the framefusion 0.3 row above)
+if [ "${QUICK:-0}" = 1 ]; then
+  $PY benchmarks/kernels.py --quick --device cpu --repeats 2 --out "$OUT/kernels" 2>&1 | tail -22
+else
+  timeout 180 $PY benchmarks/kernels.py --device cuda --out "$OUT/kernels" 2>&1 | tail -22
+  TOKENREDUCE_KERNELS=cuda timeout 200 $PY benchmarks/speed.py --arch qwen2.5-vl-7b --size 448 --frames 64 \
+    --methods framefusion --retentions 0.3 --repeats 3 --out "$OUT/qwen2.5-vl-7b-kernels" 2>&1 | grep -v "it/s" | tail -6
+fi

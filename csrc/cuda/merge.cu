@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> merge_compact_cuda(const at::Tensor& hidden, 
   auto rows = at::arange(length, ds.options()).expand({bsz, length}).contiguous();
   auto start = at::searchsorted(keys, rows, /*out_int32=*/false, /*right=*/false).contiguous();
   auto stop = at::searchsorted(keys, rows, /*out_int32=*/false, /*right=*/true).contiguous();
-  auto out_size = at::where(new_size > 0, new_size, sz).gather(1, ix);
+  auto out_size = at::where(new_size.gt(0), new_size, sz).gather(1, ix);
   auto out = at::empty({bsz, out_len, dim}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
   if (bsz * out_len == 0 || dim == 0) return {out, out_size};
   TORCH_CHECK(bsz * out_len < (int64_t{1} << 31), op, ": too many output rows for one launch (", bsz * out_len, ")");

@@ -65,19 +65,22 @@ def lsh_signatures_reference(x: torch.Tensor, planes: torch.Tensor) -> torch.Ten
     return packed.view(*x.shape[:-1], words)
 
 
-def _popcount_table(device: torch.device) -> torch.Tensor:
-    byte = torch.arange(256, device=device)
-    return ((byte[:, None] >> torch.arange(8, device=device)) & 1).sum(dim=1)
+def _popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int64 (SWAR bit counting; the masks drop arithmetic-shift sign bits)."""
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return (x * 0x0101010101010101) >> 56  # wraps modulo 2**64; the top byte holds the count (<= 64)
 
 
-def hamming_top1(query: torch.Tensor, store: torch.Tensor, chunk: int = 4096
+def hamming_top1(query: torch.Tensor, store: torch.Tensor, chunk: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each signature in ``query`` ``[Q, W]`` the nearest of ``store`` ``[S, W]`` (int64 words).
 
     Returns ``(index [Q], distance [Q])`` int64: the smallest Hamming distance, the lowest store
     index on ties. An empty store gives index -1 and distance ``64 * W`` (farther than any match).
-    The reference works on ``chunk`` queries at a time so at most ``chunk * S * W * 8`` bytes of XORs
-    exist at once; the kernel keeps none.
+    The reference works on ``chunk`` queries at a time (default: about 2**22 XOR words at once, so a
+    few 32 MiB temporaries); the kernel keeps none.
     """
     _check_hamming_args(query, store)
     if kernels.use("hamming_top1", query, store):
@@ -93,7 +96,7 @@ def _check_hamming_args(query: torch.Tensor, store: torch.Tensor) -> None:
         raise ValueError(f"signatures must be int64 words (lsh_signatures), got {query.dtype} and {store.dtype}")
 
 
-def hamming_top1_reference(query: torch.Tensor, store: torch.Tensor, chunk: int = 4096
+def hamming_top1_reference(query: torch.Tensor, store: torch.Tensor, chunk: int | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of :func:`hamming_top1`."""
     _check_hamming_args(query, store)
@@ -101,12 +104,12 @@ def hamming_top1_reference(query: torch.Tensor, store: torch.Tensor, chunk: int 
     if store.shape[0] == 0:
         return (torch.full((n_query,), -1, dtype=torch.int64, device=query.device),
                 torch.full((n_query,), WORD * words, dtype=torch.int64, device=query.device))
-    table = _popcount_table(query.device)
     rows = torch.arange(len(store), device=query.device)
+    chunk = chunk or max(1, (1 << 22) // (store.shape[0] * words))
     index, distance = [], []
     for start in range(0, n_query, chunk):
         x = query[start:start + chunk, None, :] ^ store[None, :, :]  # [q, S, W]
-        dist = table[x.contiguous().view(torch.uint8).long()].view(*x.shape[:2], -1).sum(dim=-1)
+        dist = _popcount(x).sum(dim=-1)
         best = (dist * len(store) + rows).min(dim=1).values  # ties go to the lowest index on every device
         index.append(best % len(store))
         distance.append(best // len(store))

@@ -224,12 +224,37 @@ def test_generate_with_beams_maps_each_copy_to_its_encoding():
     assert tokenreduce.stats(model).visual_tokens_kept == [8] * 4  # 2 samples x 2 beams, 2 frames x 4
 
 
-def test_llava_images_are_refused():
-    model = tiny_model("llava_onevision")
-    inputs = make_inputs(model, images=[make_frames(1)[0]])
-    tokenreduce.patch(model, "visionzip")
-    with pytest.raises(ValueError, match="videos only"):
-        run(model, inputs)
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video"])
+def test_llava_images_follow_the_models_packing(family):
+    """Any-resolution images: scores and keys go through the model's own packing (base view, tiles, unpadding),
+    so newline tokens (NaN score, always kept) sit exactly where the model puts its image_newline vector, the
+    base view's scores are the tower's attention, and each image keeps the budget of its patch tokens."""
+    model, eager = tiny_model(family), tiny_model(family, attn_implementation="eager")
+    images = [make_frames(1, seed=0)[0], make_frames(1, size=112, seed=1)[0][:, :80]]  # 1 and 2 tiles, unpadded
+    inputs = make_inputs(model, images=images, text_lens=[3, 6])
+    dense = run(model, inputs)
+    tokenreduce.patch(model, "visionzip", retention=1.0)
+    assert torch.allclose(run(model, inputs), dense, atol=1e-5, rtol=0)
+    tokenreduce.unpatch(model)
+    tokenreduce.patch(model, "visionzip", retention=0.25)
+    run(model, inputs)
+    records = engine_of(model).state.memo["visionzip"]["records"][1]
+    newline = model.model.image_newline.detach()
+    with torch.no_grad():
+        features = eager.model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
+    kept = []
+    for record, feature in zip(records, features, strict=True):
+        is_newline = (feature == newline).all(dim=-1)
+        assert torch.equal(record.scores[0].isnan(), is_newline) and 0 < int(is_newline.sum()) < 32
+        kept.append(int(is_newline.sum()) + -(-int((~is_newline).sum()) // 4))
+    assert tokenreduce.stats(model).visual_tokens_kept == kept
+    layer = 0 if family == "llava_next_video" else 1  # vision_feature_layer -2 (CLIP), -1 (SigLIP)
+    with torch.no_grad():
+        attn = eager.model.vision_tower(inputs["pixel_values"][0, :1], output_attentions=True).attentions[layer]
+    base = attn[0, :, 0, 1:].mean(dim=0) if family == "llava_next_video" else attn[0].mean(dim=(0, 1))
+    torch.testing.assert_close(records[0].scores[0, :64], base, atol=1e-6, rtol=1e-5)
 
 
 def test_bad_options_are_refused():

@@ -16,6 +16,19 @@ from ..layout import IMAGE, VIDEO
 from .base import Method, Selection, Step, check_fraction
 
 
+def zip_record(scores: torch.Tensor, keys: torch.Tensor, keep: int, dominant: int) -> torch.Tensor:
+    """:func:`zip_frames` over the cells with a score; cells with a NaN score (tokens standing for no patch,
+    the same cells in every frame) stay as they are."""
+    free = ~scores[0].isnan()
+    if bool(free.all()):
+        return zip_frames(scores, keys, keep, dominant)
+    index = free.nonzero().flatten()
+    sub = zip_frames(scores[:, index], keys[:, index], keep, dominant)
+    dest = torch.arange(scores.shape[1], device=scores.device).repeat(scores.shape[0], 1)
+    dest[:, index] = torch.where(sub >= 0, index[sub.clamp(min=0)], -1)
+    return dest
+
+
 def zip_frames(scores: torch.Tensor, keys: torch.Tensor, keep: int, dominant: int) -> torch.Tensor:
     """VisionZip on a batch of frames: ``dest`` ``[F, N]``, the cell each of a frame's ``N`` cells goes to.
 
@@ -62,8 +75,9 @@ class VisionZip(Method):
     projected embeddings (not the projection of the mean of tower features); for towers whose LLM token
     pools several patches (Qwen-VL's 2x2 merge, LLaVA video pooling) scores and keys are pooled the same way.
     Budget per frame: ``ceil(retention * tokens_per_frame)``, of which ``round(dominant_fraction * budget)``
-    dominant (the paper's 54 + 10 of 64 at the default share). LLaVA-OneVision's trailing video newline
-    token is kept. LLaVA any-resolution images are refused.
+    dominant (the paper's 54 + 10 of 64 at the default share). An image is one frame: for LLaVA's
+    any-resolution images the base view and the tiles share one budget over their patch tokens, and the
+    row-end newline tokens (which stand for no patch) are kept, as is LLaVA-OneVision's video newline token.
     """
 
     name: ClassVar[str] = "visionzip"
@@ -139,15 +153,16 @@ class VisionZip(Method):
                     raise RuntimeError(f"visionzip: the vision tower encoded {record.frames} x {record.cells} "
                                        f"tokens for item {i} of sample {b}, the prompt has {spec.frames} x "
                                        f"{spec.cells}")
-                keep, dominant = self.budget(spec.cells)
+                free = spec.cells - int(record.scores[0].isnan().sum())
+                keep, dominant = self.budget(free)
                 if id(record) not in done:
-                    done[id(record)] = zip_frames(record.scores, record.keys, keep, dominant).to(device)
+                    done[id(record)] = zip_record(record.scores, record.keys, keep, dominant).to(device)
                 dest = done[id(record)]
                 frame_start = offset + torch.arange(spec.frames, device=device)[:, None] * spec.cells
                 tables.append(torch.where(dest >= 0, dest + frame_start, -1).flatten())
                 cells_of[b, i], start_of[b, i] = spec.cells, offset
                 offset += spec.frames * spec.cells
-                counts.append({"sample": b, "item": i, "frames": spec.frames, "tokens_per_frame": spec.cells,
+                counts.append({"sample": b, "item": i, "frames": spec.frames, "tokens_per_frame": free,
                                "kept_per_frame": keep, "dominant_per_frame": dominant})
         if not tables:
             return None
@@ -196,4 +211,4 @@ def _records_per_item(records: dict[int, list], grids: list[list]) -> list[list]
     return out
 
 
-__all__ = ["VisionZip", "zip_frames"]
+__all__ = ["VisionZip", "zip_frames", "zip_record"]

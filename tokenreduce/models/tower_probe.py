@@ -14,8 +14,8 @@ layer's normalised input and recomputes only what is needed, through the layer's
 
 The patch-level results are mapped onto the LLM's token grid the way the model maps features: Qwen-VL
 averages each ``spatial_merge_size**2`` merge unit (undoing Qwen2.5-VL's window order first), LLaVA-OneVision
-applies its own bilinear video pooling, LLaVA-NeXT-Video averages over its pooling cells. LLaVA any-resolution
-images (tiles, unpadding, newline tokens) have no exact mapping and are refused.
+applies its own bilinear video pooling, LLaVA-NeXT-Video averages over its pooling cells; LLaVA any-resolution
+images go through the model's own packing (tiles, unpadding, resizing), with a NaN score on newline tokens.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ ELEMENTS_PER_CHUNK = 1 << 24  # softmax entries materialised at once by mean_rec
 class TowerRecord:
     """One encoded image or video on the LLM's token grid: ``scores`` ``[frames, cells]`` (reference
     attention) and ``keys`` ``[frames, cells, head_dim]`` (the layer's keys averaged over heads and over
-    the patches of each LLM token), float32."""
+    the patches of each LLM token), float32. A NaN score marks a token that stands for no patch (a LLaVA
+    image's row-end newline token)."""
 
     scores: torch.Tensor
     keys: torch.Tensor
@@ -127,6 +128,7 @@ class TowerProbe:
         for name, kind in (("get_image_features", IMAGE), ("get_video_features", VIDEO)):
             if getattr(self.base, name, None) is not None:
                 self._wrap_encoder(wrap, name, kind)
+        self.extra_wraps(wrap)
         handles = [self.attention.register_forward_pre_hook(self._on_attention, with_kwargs=True)]
         handles += self.extra_hooks()
 
@@ -140,6 +142,9 @@ class TowerProbe:
     def extra_hooks(self) -> list[Any]:
         return []
 
+    def extra_wraps(self, wrap) -> None:
+        """Further per-instance wrappers a family needs (undone by the engine)."""
+
     def take(self) -> dict[int, list[TowerRecord]]:
         """The records of the last encodings, handed over once: a later prompt whose tower did not run
         (so nothing describes its visual tokens) finds none instead of stale ones."""
@@ -152,7 +157,6 @@ class TowerProbe:
         def encoder(original, *args: Any, **kwargs: Any):
             if self.kind is not None:  # an encoder calling another (Qwen3-VL videos): the outer call decides
                 return original(*args, **kwargs)
-            self.check_call(kind)
             self.kind, self.pending = kind, []
             self.call = dict(signature.bind_partial(*args, **kwargs).arguments)
             try:
@@ -164,9 +168,6 @@ class TowerProbe:
 
         wrap(self.base, name, encoder)
 
-    def check_call(self, kind: int) -> None:
-        """Raise ValueError for inputs this tower's mapping cannot handle."""
-
     def _on_attention(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if self.kind is None:
             return
@@ -176,7 +177,7 @@ class TowerProbe:
 
 
 class LlavaTowerProbe(TowerProbe):
-    """CLIP (LLaVA-NeXT-Video, CLS reference) or SigLIP (LLaVA-OneVision, mean reference) towers, videos only."""
+    """CLIP (LLaVA-NeXT-Video, CLS reference) or SigLIP (LLaVA-OneVision, mean reference) towers."""
 
     def __init__(self, model: nn.Module, base: nn.Module, layer: int | None) -> None:
         config = model.config
@@ -211,12 +212,15 @@ class LlavaTowerProbe(TowerProbe):
     def attention_of(self, block: nn.Module) -> nn.Module:
         return block.self_attn
 
-    def check_call(self, kind: int) -> None:
-        if kind == IMAGE:
-            raise ValueError("visionzip supports LLaVA-OneVision and LLaVA-NeXT-Video videos only: their "
-                             "any-resolution images (tiles, unpadding, newline tokens) have no exact mapping from "
-                             "tower patches to LLM tokens. Use a Qwen-VL model for images, or a method acting in "
-                             "the LLM (fastv, framefusion)")
+    def extra_wraps(self, wrap) -> None:
+        signature = inspect.signature(self.base.pack_image_features)
+
+        def pack(original, *args: Any, **kwargs: Any):
+            if self.kind == IMAGE:  # remember how the model packed this call's images, to pack scores alike
+                self.call["pack"] = (original, dict(signature.bind(*args, **kwargs).arguments))
+            return original(*args, **kwargs)
+
+        wrap(self.base, "pack_image_features", pack)
 
     def observe(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.attention
@@ -233,15 +237,38 @@ class LlavaTowerProbe(TowerProbe):
     def finish(self, kind: int) -> list[TowerRecord]:
         scores = torch.cat([s for s, _ in self.pending])
         keys = torch.cat([k for _, k in self.pending])
+        maps = torch.cat([scores[..., None], keys], dim=-1)  # pooled together: [frames, patches, 1 + head_dim]
+        return self._images(maps) if kind == IMAGE else self._videos(maps)
+
+    def _images(self, maps: torch.Tensor) -> list[TowerRecord]:
+        """Any-resolution images: the model's own packing (tiles, unpadding, resizing, newline tokens) applied
+        to scores and keys; newline tokens get a NaN score."""
+        if "pack" not in self.call:
+            raise RuntimeError("visionzip: the model encoded images without pack_image_features; "
+                               "this LLaVA version is not supported for images")
+        pack, arguments = self.call["pack"]
+        sizes = [feature.shape[0] for feature in arguments["image_features"]]
+        if sum(sizes) != maps.shape[0]:
+            raise RuntimeError(f"visionzip: the tower encoded {maps.shape[0]} tiles, the model packed {sum(sizes)}")
+        arguments = {**arguments, "image_features": list(torch.split(maps, sizes))}
+        if arguments.get("image_newline") is not None:
+            newline = torch.zeros(maps.shape[-1], dtype=maps.dtype, device=maps.device)
+            newline[0] = float("nan")
+            arguments["image_newline"] = newline
+        packed, lengths = pack(**arguments)  # a list per image (a concatenation in some versions)
+        if isinstance(packed, torch.Tensor):
+            packed = torch.split(packed, lengths.tolist())
+        return [TowerRecord(p[None, :, 0].contiguous(), p[None, :, 1:].contiguous()) for p in packed]
+
+    def _videos(self, maps: torch.Tensor) -> list[TowerRecord]:
         pixels = self.call.get("pixel_values_videos")
         if pixels is None:
             pixels = next(iter(self.call.values()))
         videos, frames = pixels.shape[:2]
-        if scores.shape[0] != videos * frames:
-            raise RuntimeError(f"visionzip: the tower encoded {scores.shape[0]} frames for {videos} videos of "
+        if maps.shape[0] != videos * frames:
+            raise RuntimeError(f"visionzip: the tower encoded {maps.shape[0]} frames for {videos} videos of "
                                f"{frames} frames")
-        side = math.isqrt(scores.shape[1])
-        maps = torch.cat([scores[..., None], keys], dim=-1)  # pooled together: [frames, patches, 1 + head_dim]
+        side = math.isqrt(maps.shape[1])
         if self.onevision:  # the model's own video pooling (bilinear), applied to scores and keys
             pooled = self.base.apply_pooling(maps)
         else:  # LLaVA-NeXT-Video pools stride x stride cells (average/max/conv): scores averaged over the cell

@@ -148,3 +148,27 @@ def test_agreement_metrics():
     assert agreement(a, a) == {"top1_agree": True, "kl": 0.0}
     other = agreement(a, torch.tensor([0.0, 1.0, 2.0]))
     assert not other["top1_agree"] and other["kl"] > 0.5
+
+
+def test_clip_bounds_and_frame_folders_sample_inside_the_bounds(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tokenreduce.eval.datasets import Sample
+    from tokenreduce.eval.media import MediaError, load_visual
+    from tokenreduce.video import read_video, write_demo_video
+
+    path = write_demo_video(tmp_path / "v.mp4", num_frames=16, size=56, fps=8, motion="static")
+    every = read_video(path)
+    sample = Sample("mvbench", "x", "t", "q", ["a", "b"], 0, video=path, start=1.0, end=1.9)
+    kind, frames, fps = load_visual(sample, 4)
+    assert kind == "video" and np.array_equal(frames, every[[8, 10, 13, 15]])  # frames 8..15 lie in [1, 1.9] s
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((8, 8, 3), i * 20, np.uint8)).save(folder / f"{i:05d}.jpg", quality=100)
+    sample = Sample("mvbench", "y", "t", "q", ["a", "b"], 0, video=folder, start=1.0, end=2.0, frames_fps=3.0)
+    _, frames, _ = load_visual(sample, 4)
+    assert [round(f.mean() / 20) for f in frames] == [3, 4, 5, 6]  # frames 3..6 at 3 fps
+    with pytest.raises(MediaError, match="nothere.mp4"):
+        load_visual(Sample("mlvu", "z", "t", "q", ["a", "b"], 0, video=tmp_path / "nothere.mp4"), 4)

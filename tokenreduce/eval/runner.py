@@ -43,7 +43,7 @@ class Config:
         opts = dict(self.options)
         if self.retention is not None:
             opts["retention"] = self.retention
-        api.patch(model, list(self.methods) if len(self.methods) > 1 else self.methods[0], **opts)
+        api.patch(model, list(self.methods), **opts)  # each option goes to the listed methods that have it
 
 
 def make_configs(methods: Iterable[str], retentions: Iterable[float | None], options: dict[str, Any] | None = None

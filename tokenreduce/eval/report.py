@@ -60,6 +60,8 @@ def summarize(path: Path, keys: set[str], configs: list[Config], problems: list[
             "visual_in": _mean([r["visual_in"] for r in recs]),
             "visual_kept": _mean([r["visual_kept"] for r in recs]),
             "kept_fraction": _mean([r["visual_kept"] / r["visual_in"] for r in recs if r["visual_in"]]),
+            "layer_rows_fraction": _mean([r["mean_layer_rows"] / r["prompt_tokens"] for r in recs
+                                          if "mean_layer_rows" in r]),
             "prefill_ms": _mean([r["prefill_ms"] for r in recs]),
             "sample_ms": _mean([r["sample_ms"] for r in recs]),
             "top1_agree": _mean([float(r["top1_agree"]) for r in reduced]),
@@ -92,15 +94,16 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = []
     if summary.get("note"):
         lines += [f"**{summary['note']}**", ""]
-    lines += ["| config | samples | failed | accuracy | Δ dense | visual kept | kept % | prefill ms | ms/sample "
-              "| top-1 agree | KL | answer agree | gen exact |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| config | samples | failed | accuracy | Δ dense | visual kept | kept % | rows/layer % | prefill ms "
+              "| ms/sample | top-1 agree | KL | answer agree | gen exact |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["configs"]:
         lines.append(
             f"| {r['config']} | {r['samples']} | {r['failed']} | {_fmt(r['accuracy'], '.3f')} | "
             f"{_fmt(r.get('delta'), '+.3f')} | "
             f"{_fmt(r['visual_kept'], '.0f')}/{_fmt(r['visual_in'], '.0f')} | "
             f"{_fmt(None if r['kept_fraction'] is None else 100 * r['kept_fraction'], '.1f')} | "
+            f"{_fmt(None if r['layer_rows_fraction'] is None else 100 * r['layer_rows_fraction'], '.1f')} | "
             f"{_fmt(r['prefill_ms'], '.1f')} | {_fmt(r['sample_ms'], '.1f')} | {_fmt(r['top1_agree'], '.3f')} | "
             f"{_fmt(r['kl'], '.4f')} | {_fmt(r['answer_agree'], '.3f')} | {_fmt(r['gen_match'], '.3f')} |")
     tasks = sorted({t for r in summary["configs"] for t in r["tasks"]})
@@ -141,9 +144,13 @@ def plots(summary: dict[str, Any], folder: Path, prefix: str = "") -> list[Path]
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         for label, rs in lines.items():
-            pts = sorted((r[xkey], r["accuracy"]) for r in rs if r[xkey] is not None)
+            pts = sorted((r[xkey], r["accuracy"], r["retention"]) for r in rs if r[xkey] is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            if xkey == "prefill_ms":  # which retention each point is
+                for x, y, retention in pts:
+                    if retention is not None:
+                        ax.annotate(f"{retention:g}", (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
         if dense is not None:
             if xkey == "retention":
                 ax.axhline(dense["accuracy"], color="black", linestyle="--", label="dense")

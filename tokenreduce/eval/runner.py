@@ -176,11 +176,14 @@ def _run_one(model: torch.nn.Module, prompter: ChatPrompter, sample: Sample, con
         t0 = clock.now()
         logits = model(**inputs).logits[0, -1].float().cpu()
         prefill_ms = clock.now() - t0
+        length = inputs["input_ids"].shape[1]
         if config.name == DENSE:
             visual_in = visual_kept = _visual_in(model, inputs)
+            layer_rows = float(length)
         else:
             stats = api.stats(model)
             visual_in, visual_kept = stats.visual_tokens_in[0], stats.visual_tokens_kept[0]
+            layer_rows = sum(stats.layer_tokens) / len(stats.layer_tokens) if stats.layer_tokens else float(length)
         gen_ids = None
         if settings.max_new_tokens:
             seq = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False)
@@ -195,7 +198,8 @@ def _run_one(model: torch.nn.Module, prompter: ChatPrompter, sample: Sample, con
         "benchmark": sample.benchmark, "id": sample.id, "task": sample.task, "config": config.name,
         "methods": list(config.methods), "retention": config.retention, "answer": sample.answer_letter,
         "pred": pred, "correct": pred == sample.answer_letter, "letter_scores": scores,
-        "visual_in": visual_in, "visual_kept": visual_kept, "prefill_ms": prefill_ms, "sample_ms": sample_ms,
+        "visual_in": visual_in, "visual_kept": visual_kept, "prompt_tokens": length, "mean_layer_rows": layer_rows,
+        "prefill_ms": prefill_ms, "sample_ms": sample_ms,
     }
     if gen_ids is not None:
         text = prompter.decode(gen_ids)

@@ -133,7 +133,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
             "answer_extraction": "highest next-token logit among the option letters after the prompt"
                                  + ("; generated text parsed too (gen_*)" if args.max_new_tokens else ""),
-            "note": "; ".join(notes), "plot_title": f"{name} on {args.format}" + (" (random weights: plumbing, not accuracy)" * args.tiny),
+            "note": "; ".join(notes),
+            "plot_title": f"{name} on {args.format}" + (" (random weights: plumbing only)" * args.tiny),
             "counts": counts}
     summary = summarize(results, {sample_key(s) for s in samples}, configs, problems, meta)
     written = write_reports(summary, args.out)

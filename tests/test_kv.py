@@ -286,3 +286,21 @@ def test_positional_arguments():
         dense = model(ids, mask).logits
         tokenreduce.patch(model, "streamingllm", retention=1.0)
         assert torch.equal(model(ids, mask).logits, dense)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma"])
+def test_other_families(family):
+    from transformers import GemmaConfig, GemmaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config, cls = (Qwen3Config, Qwen3ForCausalLM) if family == "qwen3" else (GemmaConfig, GemmaForCausalLM)
+    torch.manual_seed(0)
+    model = cls(config(**SIZES, head_dim=16, attn_implementation="sdpa")).eval()
+    ids = prompt(60)
+    seq, logits = generate(model, ids)
+    for method in ("snapkv", "semtoken"):
+        tokenreduce.patch(model, method, retention=1.0)
+        seq2, logits2 = generate(model, ids)
+        torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=0)
+    tokenreduce.patch(model, "streamingllm", retention=0.5)
+    generate(model, ids)
+    assert tokenreduce.stats(model).layer_entries == [30 + 2] * 4

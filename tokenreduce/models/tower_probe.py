@@ -190,8 +190,6 @@ class LlavaTowerProbe(TowerProbe):
             raise ValueError(f"visionzip: vision_feature_select_strategy={strategy!r} with a {tower_type} tower "
                              "gives visual tokens that are not the tower's patch grid; supported: 'default' "
                              "(CLIP, CLS dropped) and 'full' (SigLIP, no CLS)")
-        if not self.onevision and config.spatial_pool_mode not in ("average", "max", "conv"):
-            raise ValueError(f"visionzip: unknown spatial_pool_mode {config.spatial_pool_mode!r}")
         super().__init__(model, base, layer)
 
     def blocks(self) -> nn.ModuleList:

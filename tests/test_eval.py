@@ -123,6 +123,9 @@ def test_bad_command_lines_name_the_problem(checkpoint, data, tmp_path, capsys):
 
 
 def test_configs_compose_and_name_methods():
+    from tokenreduce.commands.eval import FORMATS as CLI_FORMATS  # kept import-light, must not drift
+
+    assert CLI_FORMATS == FORMATS
     configs = make_configs(["framefusion", "fastv+framefusion"], [0.3, 0.5], {"last_queries": 2})
     assert [c.name for c in configs] == ["dense", "framefusion@0.3", "framefusion@0.5", "fastv+framefusion@0.3",
                                          "fastv+framefusion@0.5"]

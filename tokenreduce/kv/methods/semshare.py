@@ -4,15 +4,17 @@ Matching"): reuse the KV cache of a similar earlier prompt, recomputing only the
 For a new prompt: token embeddings with RoPE-style position rotation mixed in are sign-hashed
 (random hyperplanes, :mod:`tokenreduce.ops.lsh`); the stored prompt of the caller's namespace
 with the most tokens within ``max_distance`` of a new token is the reference, and every new token
-gets its nearest reference token. Layer 0 runs every token; comparing its fresh keys and values
-with the reference's (re-rotated) ones ranks tokens by deviation. Layer ``l >= 1`` then runs only
+gets its nearest reference token. Layers up to ``check_layer`` (1) run every token; comparing the
+check layer's fresh keys and values with the reference's (re-rotated) ones ranks tokens by
+deviation (layer 0's KV depends on the token and position only, so it cannot see a changed
+context: the check must be at least layer 1). Every later layer runs only
 the most deviating ``f_l`` of the prompt (unmatched tokens and the last token always), with
 ``f_l`` decaying exponentially with depth so that their mean is ``retention``; every other token's
 KV in that layer is the reference token's, keys re-rotated by RoPE from the reference position to
 the new one. Skipped rows are not run through the layer at all, so the saving is real (the public
 reproduction runs every token and overwrites; it also never re-rotates keys).
 
-Deviations from the paper: layer 0 is the check layer (CacheBlend-style); only prompts computed in
+Deviations from the paper: one check layer ranks deviation (CacheBlend-style); only prompts computed in
 full are stored (``save``), so approximate KV is never reused twice; batch size 1 per forward (a
 server sends requests one by one; the store and the engine are thread-safe).
 """
@@ -27,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...methods.base import check_fraction
+from ...methods.base import check_fraction, check_layer
 from ..model import inv_freq, rotate
 from ..store import KVStore
 from .base import KVMethod
@@ -69,6 +71,7 @@ class SemShare(KVMethod):
     max_distance: float = 0.2
     min_match: float = 0.5
     position_scale: float = 16.0
+    check_layer: int = 1
     save: bool = True
 
     def validate(self) -> None:
@@ -84,6 +87,7 @@ class SemShare(KVMethod):
         if not isinstance(self.max_distance, (int, float)) or not 0 <= self.max_distance <= 0.5:
             raise ValueError(f"max_distance (a fraction of the signature bits) must be in [0, 0.5], "
                              f"got {self.max_distance!r}")
+        check_layer("check_layer", self.check_layer)
         if not isinstance(self.position_scale, (int, float)) or self.position_scale <= 0:
             raise ValueError(f"position_scale must be positive, got {self.position_scale!r}")
 
@@ -99,10 +103,12 @@ class SemShare(KVMethod):
                 f"{c.hidden_size}:{c.num_key_value_heads}:{engine.parts.layers[0].self_attn.head_dim}")
 
     def fractions(self, num_layers: int) -> list[float]:
-        """Fraction of the prompt each layer runs: 1 at layer 0, then ``c * decay**(l-1)`` with mean ``retention``."""
-        weights = [self.decay ** i for i in range(num_layers - 1)]
+        """Fraction of the prompt each layer runs: 1 up to the check layer, then ``c * decay**k`` with mean
+        ``retention`` over the later layers."""
+        first = min(self.check_layer + 1, num_layers)
+        weights = [self.decay ** i for i in range(num_layers - first)]
         c = self.retention * len(weights) / sum(weights) if weights else 1.0
-        return [1.0] + [min(1.0, c * w) for w in weights]
+        return [1.0] * first + [min(1.0, c * w) for w in weights]
 
     # hooks ----------------------------------------------------------------------------------
     def install(self, engine) -> None:
@@ -144,7 +150,7 @@ class SemShare(KVMethod):
             return None
         layer = fwd.cache.layers[i]
         layer.pending = partial(self._write, engine, plan, i)
-        if i == 0:
+        if i <= self.check_layer:
             return None
         with engine.timer():
             length = plan.index.shape[0]
@@ -174,8 +180,10 @@ class SemShare(KVMethod):
             length = plan.index.shape[0]
             if not layer.is_initialized:
                 layer.lazy_initialization(key, value)
-            if i == 0:
-                ref_k, ref_v = self._reference(engine, plan, 0, key)
+            if i < self.check_layer:
+                full_k, full_v = key, value
+            elif i == self.check_layer:
+                ref_k, ref_v = self._reference(engine, plan, i, key)
                 dev = ((key - ref_k).float().norm(dim=-1) / key.float().norm(dim=-1).clamp(min=1e-6)).mean(dim=(0, 1))
                 dev = dev + ((value - ref_v).float().norm(dim=-1) / value.float().norm(dim=-1).clamp(min=1e-6)
                              ).mean(dim=(0, 1))
@@ -194,7 +202,7 @@ class SemShare(KVMethod):
     def attend(self, engine, index, layer, module, query, key, value, mask, real, kwargs):
         fwd = engine.fwd
         plan = fwd.memo.get("semshare") if fwd.prefill else None
-        if plan is None or index == 0:
+        if plan is None or index <= self.check_layer:
             return real(module, query, key, value, mask, **kwargs)
         rows = plan.rows[index]
         allowed = torch.arange(key.shape[2], device=key.device)[None, :] <= rows[:, None]
@@ -213,7 +221,7 @@ class SemShare(KVMethod):
     def note(self, engine, fwd, record) -> None:
         plan = fwd.memo.get("semshare")
         length, n = fwd.length, engine.parts.num_layers
-        rows = [length] + [int(plan.rows[i].numel()) for i in range(1, n)] if plan is not None else [length] * n
+        rows = [int(plan.rows[i].numel()) if plan is not None and i in plan.rows else length for i in range(n)]
         record.computed_rows = rows
         record.reuse_rate = 1.0 - sum(rows) / (length * n)
         record.notes["match_rate"] = round(fwd.memo.get("match_rate", 0.0), 4)

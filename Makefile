@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # CUDA builds that also run on CPU; on the project's CPU machines pip takes them from local disk.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,7 +18,11 @@ demo: setup
 	$(VENV)/bin/tokenreduce demo $(ARGS)
 
 lint: setup
-	$(PY) -m ruff check tokenreduce tests benchmarks
+	$(PY) -m ruff check tokenreduce tests benchmarks integrations
 
 test: lint
 	$(PY) -m pytest -q $(ARGS)
+
+# vLLM's CPU build pins its own torch: its tests run in a separate venv (.venv-vllm, built on first use, ~3 min)
+test-vllm:
+	integrations/vllm/run_tests.sh $(ARGS)

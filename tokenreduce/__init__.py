@@ -1,4 +1,4 @@
-"""tokenreduce: training-free token reduction for Hugging Face video and image LLMs.
+"""tokenreduce: training-free token reduction for Hugging Face video, image and long-context LLMs.
 
     model = tokenreduce.patch(model, "framefusion", retention=0.3)
     model.generate(**inputs)
@@ -8,12 +8,12 @@
 
 from .api import calibrate, is_patched, load_profile, patch, save_profile, stats, unpatch
 from .engine.stats import Stats
-from .kernels import kernels_status as kernels_status  # compiled-kernel status (csrc/)
-from .kv.store import KVStore as KVStore  # the cross-prompt KV store for semshare
+from .kernels import kernels_status  # compiled-kernel status (csrc/)
+from .kv.store import KVStore  # the cross-prompt KV store for semshare
 from .methods import FastV, FrameFusion, Method, methods
 from .models import supported_classes
 
 __version__ = "0.1.0"
 
-__all__ = ["FastV", "FrameFusion", "Method", "Stats", "calibrate", "is_patched", "load_profile", "methods",
-           "patch", "save_profile", "stats", "supported_classes", "unpatch"]
+__all__ = ["FastV", "FrameFusion", "KVStore", "Method", "Stats", "calibrate", "is_patched", "kernels_status",
+           "load_profile", "methods", "patch", "save_profile", "stats", "supported_classes", "unpatch"]

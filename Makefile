@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # CUDA builds that also run on CPU; on the project's CPU machines pip takes them from local disk.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint test-vllm bench-kv
+.PHONY: setup demo test lint test-vllm bench-kv kernels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,10 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q $(ARGS)
+
+# compile the C++ (and, with a CUDA toolkit, CUDA) kernels ahead of time; otherwise they build on first use
+kernels: setup
+	$(PY) -m tokenreduce build-kernels
 
 # vLLM's CPU build pins its own torch: its tests run in a separate venv (.venv-vllm, built on first use, ~3 min)
 test-vllm:

@@ -24,7 +24,8 @@ from torch import nn
 from ..layout import PAD, TokenLayout
 from ..methods.base import Method, Step
 from ..models import ModelAdapter
-from ..ops import compaction_index, last_query_importance, take_rows, weighted_merge
+from ..ops import compaction_index, last_query_importance, take_rows
+from ..ops.merge import merge_compact
 from .attention import ENGINE_ATTR, wrapped_attention
 from .cache import ReducedDynamicLayer, check_reducible
 from .freeze import FrozenLayers
@@ -384,19 +385,21 @@ class HFEngine:
             return hidden
         note = self.record.method_steps.setdefault(method.name, {})
         note[idx] = (st.rows.shape[1], high)  # rows (longest sample) before and after this step
-        size = st.size
-        if any_merged:
-            hidden, size = weighted_merge(hidden, size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device))
         index, valid, target, padded = compaction_index(keep, (low, high), counts)
+        if any_merged:  # size-weighted merge fused with the gather of the kept rows (one pass)
+            hidden, size = merge_compact(hidden, st.size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device),
+                                         index.to(hidden.device))
+        else:
+            hidden, size = take_rows(hidden, index.to(hidden.device), 1), st.size.gather(1, index.to(st.size.device))
         rows = torch.where(valid, st.rows.gather(1, index), -1)
         lives_in = torch.where(st.owner >= 0, dest.gather(1, st.owner.clamp(min=0)), -1)
         owner = torch.where(lives_in >= 0, target.gather(1, lives_in.clamp(min=0)), -1)
         old = st.version
-        st.set_rows(rows, size.gather(1, index.to(size.device)), padded, owner)
+        st.set_rows(rows, size.to(st.size.device), padded, owner)
         # the previous layer's scores, carried to the kept rows for a method reducing next at this layer
         st.importance = {n: (st.version, scores.gather(1, index.to(scores.device)))
                          for n, (version, scores) in st.importance.items() if version == old}
-        return take_rows(hidden, index.to(hidden.device), 1)
+        return hidden
 
     def _slice_kwargs(self, kwargs: dict[str, Any]) -> None:
         st = self.state

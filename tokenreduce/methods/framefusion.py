@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from ..ops import adjacent_cosine, fold_into_heads, same_cell_predecessor, topk_mask
+from ..ops import fold_into_heads, same_cell_predecessor, topk_mask
+from ..ops.similarity import similar_predecessors
 from .base import Method, Selection, Step, budget, check_fraction, check_layer
 
 
@@ -120,8 +121,7 @@ class FrameFusion(Method):
         candidate = step.visual & (step.frame >= 0) & active[:, None]
         group = torch.where(candidate, step.item * span + step.cell, -1)
         pred = same_cell_predecessor(group, step.max_items * span)
-        sim = adjacent_cosine(step.hidden, pred)
-        mergeable = candidate & (pred >= 0) & (sim >= self.similarity_threshold)
+        sim, mergeable = similar_predecessors(step.hidden, pred, candidate, self.similarity_threshold)
         n_merge = mergeable.sum(dim=1)
         stop = active & (n_merge < self.ratio_lower_bound * n_visual.clamp(min=1))
         go = active & ~stop

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..engine.cache import PositionedLayer
 
-class KVLayer(DynamicLayer):
+
+class KVLayer(PositionedLayer):
     """A ``DynamicLayer`` with logical positions; installed by swapping the class of a plain one in place."""
 
     positions: torch.Tensor | None
@@ -116,17 +118,3 @@ class KVLayer(DynamicLayer):
             self.positions = self.positions[..., :tokens_to_remove]
             self.logical += tokens_to_remove
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))

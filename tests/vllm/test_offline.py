@@ -44,9 +44,9 @@ def _llm(model_dir, tokenreduce=None, **kwargs):
     from vllm import LLM
 
     extra = {"additional_config": {"tokenreduce": tokenreduce}} if tokenreduce is not None else {}
-    return LLM(model=str(model_dir), tokenizer=str(model_dir), dtype="float32", max_model_len=2048, max_num_seqs=2,
-               enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 1, "video": 1},
-               distributed_executor_backend="uni", **extra, **kwargs)
+    options = dict(dtype="float32", max_model_len=2048, max_num_seqs=2, enforce_eager=True, seed=0,
+                   limit_mm_per_prompt={"image": 1, "video": 1}, distributed_executor_backend="uni")
+    return LLM(model=str(model_dir), tokenizer=str(model_dir), **(options | extra | kwargs))
 
 
 def run(model_dirs, family: str, tokenreduce: dict | None) -> list[dict]:
@@ -158,6 +158,56 @@ def test_same_tokens_as_hugging_face(model_dirs, family, method):
         kept_rows = torch.as_tensor(tokenreduce.stats(model).kept_indices[0][0])
         hf_index = torch.isin(video_rows, kept_rows).nonzero().flatten()
         assert hf_index.tolist() == index.tolist()
+
+
+def _record_tower_calls(model) -> None:
+    """Count the videos of every vision-tower call in ``model.tokenreduce_calls``."""
+    model.tokenreduce_calls = []
+    model.visual.register_forward_pre_hook(
+        lambda module, args, kwargs: model.tokenreduce_calls.append(len(kwargs["grid_thw"])), with_kwargs=True)
+
+
+def _take_calls(model) -> list[int]:
+    calls = list(model.tokenreduce_calls)
+    model.tokenreduce_calls.clear()
+    return calls
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_videos_of_a_step_encode_together(model_dirs, family):
+    """vLLM's V1 runner encodes videos one at a time when pruning is on; ours batches a step's videos in
+    chunks whose dense token count fits the encoder budget, with the outputs of one request at a time."""
+    from vllm import SamplingParams
+
+    video_tag = _tags(family)[1]
+
+    def request(seed: int, uuid: str) -> dict:  # a new uuid is a new encoder-cache entry: the tower runs again
+        return {"prompt": f"user: {video_tag} describe the video", "multi_modal_uuids": {"video": [uuid]},
+                "multi_modal_data": {"video": (make_video(FRAMES, SIZE, seed=seed), video_metadata(FRAMES))}}
+
+    requests = [request(seed, f"together-{seed}") for seed in range(6)]
+    llm = _llm(model_dirs[family], {"method": "evs", "retention": RETENTION}, max_num_seqs=4)
+    llm.apply_model(_record_tower_calls)
+    budget = llm.apply_model(lambda m: m.tokenreduce_encoder_budget)[0]
+    frames, cells = _grid(family)
+    assert budget >= 3 * frames * cells
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=1)
+    together = llm.generate(requests[:3], params, use_tqdm=False)
+    assert llm.apply_model(_take_calls)[0] == [3]
+    llm.apply_model(lambda m: setattr(m, "tokenreduce_encoder_budget", 2 * frames * cells))
+    together += llm.generate(requests[3:], params, use_tqdm=False)
+    assert llm.apply_model(_take_calls)[0] == [2, 1]
+    for seed, out in enumerate(together):
+        alone = llm.generate([request(seed, f"alone-{seed}")], params, use_tqdm=False)[0]
+        assert alone.prompt_token_ids == out.prompt_token_ids
+        assert alone.outputs[0].token_ids == out.outputs[0].token_ids
+        assert torch.allclose(torch.tensor([next(iter(lp.values())).logprob for lp in alone.outputs[0].logprobs]),
+                              torch.tensor([next(iter(lp.values())).logprob for lp in out.outputs[0].logprobs]),
+                              atol=1e-5)
+    assert llm.apply_model(_take_calls)[0] == [1] * 6
+    del llm
+    gc.collect()
 
 
 BAD = [

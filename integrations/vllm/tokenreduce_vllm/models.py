@@ -109,7 +109,7 @@ class _QwenReduce:
             seconds = inp.get("second_per_grid_ts")
             seconds = seconds.tolist() if seconds is not None else None
             grids = inp["video_grid_thw"].tolist()
-            for i, (emb, grid) in enumerate(zip(self._process_video_input(inp), grids, strict=True)):
+            for i, (emb, grid) in enumerate(zip(self._encode_videos(inp), grids, strict=True)):
                 t, h, w = map(int, grid)
                 cells = (h // merge) * (w // merge)
                 index, kept = reduce_video(self.tokenreduce.method, emb.view(t, cells, -1), self.tokenreduce.retention)
@@ -120,6 +120,34 @@ class _QwenReduce:
                 last.append(index)
         self.tokenreduce_last = last
         return tuple(out)
+
+    def _encode_videos(self, inp) -> list[torch.Tensor]:
+        """The vision tower over a batch of videos, in consecutive chunks whose *dense* token count fits
+        the encoder budget (at least one video per chunk).
+
+        vLLM's V1 runner encodes videos one at a time whenever pruning is on, because its scheduler
+        admits videos by their pruned count and a whole step's videos could exceed the memory it
+        profiled. The plugin's runner hook turns that split off for our models and this bounds each
+        tower call by the budget instead: the same peak as a dense server's batch, and batching kept."""
+        grid = inp["video_grid_thw"]
+        budget = getattr(self, "tokenreduce_encoder_budget", None)
+        if inp["type"] != "pixel_values_videos" or not budget or grid.shape[0] < 2:
+            return list(self._process_video_input(inp))
+        merge = self.config.vision_config.spatial_merge_size
+        patches = grid.prod(-1).tolist()
+        out: list[torch.Tensor] = []
+        first = pixel = 0
+        while first < len(patches):
+            last, tokens = first + 1, patches[first] // merge**2
+            while last < len(patches) and tokens + patches[last] // merge**2 <= budget:
+                tokens += patches[last] // merge**2
+                last += 1
+            count = sum(patches[first:last])
+            chunk = {"type": inp["type"], "video_grid_thw": grid[first:last],
+                     "pixel_values_videos": inp["pixel_values_videos"][pixel:pixel + count]}
+            out.extend(self._process_video_input(chunk))
+            first, pixel = last, pixel + count
+        return out
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
                                   mrope_positions: torch.Tensor, num_computed_tokens: int):

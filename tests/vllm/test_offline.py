@@ -210,6 +210,61 @@ def test_videos_of_a_step_encode_together(model_dirs, family):
     gc.collect()
 
 
+def _video_request(family: str, kwargs: dict | None = None, seed: int = 0) -> dict:
+    request = {"prompt": f"user: {_tags(family)[1]} describe the video",
+               "multi_modal_data": {"video": (make_video(FRAMES, SIZE, seed=seed), video_metadata(FRAMES))}}
+    return request | ({"mm_processor_kwargs": kwargs} if kwargs else {})
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_per_request_settings(model_dirs, family):
+    """A request's ``tokenreduce_method`` / ``tokenreduce_retention`` override the engine's for its videos
+    only: placeholder count, kept tokens and outputs as an engine started with those settings; requests of
+    different settings share a step; a request may not keep more than the server; bad keys fail."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=1)
+    _, video_id = placeholder_ids(model_dirs[family])
+    frames, cells = _grid(family)
+    newline = 1 if family == "llava_onevision" else 0
+    embeds, _, _ = _hf_video_embeds(model_dirs[family], family)
+    llm = _llm(model_dirs[family], {"method": "evs", "retention": RETENTION}, max_num_seqs=4)
+    low = {"tokenreduce_retention": RETENTION / 2}
+    other = {"tokenreduce_method": "framefusion"}
+    outs = llm.generate([_video_request(family, low), _video_request(family), _video_request(family, other)], params,
+                        use_tqdm=False)
+    kept = llm.apply_model(lambda m: [i.cpu().tolist() for i in m.tokenreduce_last])[0]
+    assert len(kept) == 3  # one encoder step: three settings side by side
+    for out, index, (method, retention) in zip(outs, kept, [("evs", RETENTION / 2), ("evs", RETENTION),
+                                                           ("framefusion", RETENTION)], strict=True):
+        count = video_token_count(method, frames, cells, retention)
+        assert out.prompt_token_ids.count(video_id) == count + newline
+        assert index == reduce_video(method, embeds, retention)[0].tolist()
+    assert len(set(len(o.prompt_token_ids) for o in outs[:2])) == 2
+    started = run(model_dirs, family, {"method": "framefusion", "retention": RETENTION})[1]
+    assert list(outs[2].prompt_token_ids) == started["prompt"]
+    assert list(outs[2].outputs[0].token_ids) == started["tokens"]
+    assert torch.allclose(torch.tensor([next(iter(lp.values())).logprob for lp in outs[2].outputs[0].logprobs]),
+                          torch.tensor(started["logprobs"]), atol=1e-5)
+    for kwargs, message in [({"tokenreduce_retention": 0.9}, "more than the server's"),
+                            ({"tokenreduce_retention": 0}, "retention must be a number in (0, 1]"),
+                            ({"tokenreduce_retention": "half"}, "retention must be a number in (0, 1]"),
+                            ({"tokenreduce_method": "fastv"}, "inside the LLM's layers"),
+                            ({"tokenreduce_keep": 3}, "unknown per-request tokenreduce key(s) tokenreduce_keep")]:
+        with pytest.raises(ValueError, match=_escape(message)):
+            llm.generate([_video_request(family, kwargs, seed=1)], params, use_tqdm=False)
+    del llm
+    gc.collect()
+
+
+def test_per_request_settings_need_a_reducing_server(model_dirs):
+    llm = _llm(model_dirs["qwen2_vl"])
+    with pytest.raises(ValueError, match="runs without tokenreduce"):
+        llm.generate([_video_request("qwen2_vl", {"tokenreduce_retention": 0.3})], use_tqdm=False)
+    del llm
+    gc.collect()
+
+
 BAD = [
     ({"method": "nosuch"}, "unknown tokenreduce method 'nosuch'; vLLM supports: evs"),
     ({"method": "fastv", "retention": 0.5}, "inside the LLM's layers"),

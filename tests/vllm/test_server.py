@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,18 +46,21 @@ def client(model_dirs, tmp_path_factory):
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY"), model
 
 
-def _chat(client, model, media: dict | None) -> openai.types.chat.ChatCompletion:
+def _chat(client, model, media: dict | None, **extra) -> openai.types.chat.ChatCompletion:
     content = ([media] if media else []) + [{"type": "text", "text": "describe"}]
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                          max_tokens=3, temperature=0.0, extra_body={"ignore_eos": True})
+                                          max_tokens=3, temperature=0.0, extra_body={"ignore_eos": True, **extra})
+
+
+def _video(seed: int = 1) -> dict:
+    return {"type": "video_url", "video_url": {"url": mp4_data_url(make_video(FRAMES, SIZE, seed=seed), FPS)}}
 
 
 def test_image_and_video_requests(client):
     client, model = client
     text = _chat(client, model, None)
     image = _chat(client, model, {"type": "image_url", "image_url": {"url": png_data_url(make_video(1, SIZE)[0])}})
-    video = _chat(client, model, {"type": "video_url",
-                                  "video_url": {"url": mp4_data_url(make_video(FRAMES, SIZE, seed=1), FPS)}})
+    video = _chat(client, model, _video())
     for reply in (text, image, video):
         assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
     # the chat template writes <|vision_start|><|..._pad|><|vision_end|>; the pad token becomes the placeholders
@@ -64,6 +68,25 @@ def test_image_and_video_requests(client):
     n_video = video.usage.prompt_tokens - text.usage.prompt_tokens - 2
     assert n_image == (SIZE // 28) ** 2  # images pass through
     assert n_video == video_token_count(METHOD, *GRID, RETENTION) < GRID[0] * GRID[1]
+
+
+def test_per_request_settings(client):
+    """``vllm_xargs`` (and, without --trust-request-mm-kwargs, ``mm_processor_kwargs``) carry a request's
+    own ``tokenreduce_*`` settings; other untrusted processor kwargs stay refused; bad values get a 400."""
+    client, model = client
+    text = _chat(client, model, None).usage.prompt_tokens + 2
+    low = RETENTION / 2
+    by_xargs = _chat(client, model, _video(), vllm_xargs={"tokenreduce_retention": low})
+    by_kwargs = _chat(client, model, _video(), mm_processor_kwargs={"tokenreduce_retention": low})
+    for reply in (by_xargs, by_kwargs):
+        assert reply.usage.prompt_tokens - text == video_token_count(METHOD, *GRID, low)
+    by_method = _chat(client, model, _video(), vllm_xargs={"tokenreduce_method": "evs"})
+    assert by_method.usage.prompt_tokens - text == video_token_count("evs", *GRID, RETENTION)
+    for extra, message in [({"vllm_xargs": {"tokenreduce_retention": 2}}, "retention must be a number in (0, 1]"),
+                           ({"vllm_xargs": {"tokenreduce_retention": 0.9}}, "more than the server's"),
+                           ({"mm_processor_kwargs": {"fps": 1}}, "--trust-request-mm-kwargs")]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+            _chat(client, model, _video(seed=2), **extra)
 
 
 def test_bad_settings_fail_before_serving():

@@ -3,8 +3,9 @@
 ``vllm serve MODEL --additional-config '{"tokenreduce": {"method": "evs", "retention": 0.3}}'``.
 vLLM calls :func:`register` in every process (front end, engine core, workers). It replaces the
 supported model classes by subclasses that reduce video tokens when settings are given (and behave
-exactly as vLLM's own classes when not), and checks the settings when vLLM builds its config, so a bad
-value fails at start-up.
+exactly as vLLM's own classes when not), checks the settings when vLLM builds its config, so a bad
+value fails at start-up, and lets a request choose its own settings (``vllm_xargs`` or
+``mm_processor_kwargs``: ``tokenreduce_method``, ``tokenreduce_retention``) within the server's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from .config_hook import install_config_hook
+    from .request_hook import install_request_hook
     from .runner_hook import install_runner_hook
     from .settings import MODELS
 
@@ -27,4 +29,5 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     install_config_hook()
     install_runner_hook()
+    install_request_hook()
     _registered = True

@@ -40,15 +40,18 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from tokenreduce.methods.pre_llm import reduce_video, video_token_count
 
 from .positions import decode_positions, encode_positions, media_positions
-from .settings import CONFIG_KEY, Settings, from_hf_config, parse
+from .settings import CONFIG_KEY, Settings, for_request, from_hf_config, parse, split_request
 
 POSITION_CHANNELS = 8  # 4 values (t, h, w, text offset), each as two base-256 digits: exact in bf16/fp16
+FIELD = "tokenreduce_settings"  # per-video multimodal field: the settings that fixed its placeholder count
 
 
 def _settings(vllm_config) -> Settings | None:
@@ -56,25 +59,73 @@ def _settings(vllm_config) -> Settings | None:
     return parse(extra.get(CONFIG_KEY)) if isinstance(extra, dict) else None
 
 
+def _video_settings(kwargs: Mapping[str, object], videos: int, default: Settings) -> list[Settings]:
+    """Each video's settings from the ``FIELD`` rows the processor attached (the engine's if absent)."""
+    rows = kwargs.get(FIELD)
+    if rows is None:
+        return [default] * videos
+    return [Settings.from_tensor(row) for row in rows]
+
+
+class _RequestSettings:
+    """Per-request settings in the multimodal processor. A request's ``tokenreduce_method`` and
+    ``tokenreduce_retention`` processor kwargs (from ``mm_processor_kwargs``, or ``vllm_xargs`` through
+    the request hook) override the engine's; they are checked here (a bad value fails the request before
+    it is scheduled), kept out of the HF processor, and attached to every video as the ``FIELD``
+    multimodal field, which fixes its placeholder count and tells ``embed_multimodal`` what to keep. vLLM
+    hashes processor kwargs into each item's cache key, so a video cached at one retention is never
+    reused at another."""
+
+    def _engine_settings(self) -> Settings | None:
+        return from_hf_config(self.info.get_hf_config())
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
+        settings = for_request(self._engine_settings(), hf_kwargs)
+        out = super()._apply_hf_processor_main(mm_items, split_request(hf_kwargs)[1])
+        videos = mm_items.get_all_counts().get("video", 0)
+        if settings is not None and videos:
+            out[FIELD] = settings.to_tensor(videos)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, split_request(hf_processor_mm_kwargs)[1]))
+        if FIELD in hf_inputs:
+            fields[FIELD] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
+
+    def _video_token_count(self, out_mm_kwargs, item_idx: int, frames: int, cells: int) -> int:
+        """A video's placeholder count under its request's settings, which may not keep more than the
+        server's: those size vLLM's encoder budget and memory profile."""
+        engine = self._engine_settings()
+        item = out_mm_kwargs["video"][item_idx]
+        settings = Settings.from_tensor(item[FIELD].data) if FIELD in item else engine
+        count = video_token_count(settings.method, frames, cells, settings.retention)
+        cap = video_token_count(engine.method, frames, cells, engine.retention)
+        if count > cap:
+            raise ValueError(f"the request's tokenreduce settings ({settings.method}, retention "
+                             f"{settings.retention}) keep {count} tokens of a video, more than the server's "
+                             f"({engine.method}, retention {engine.retention}: {cap}); a request may only "
+                             f"reduce further (start the server with a higher retention to allow more)")
+        return count
+
+
 # ---------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
 
 
-class _QwenProcessorMixin:
+class _QwenProcessorMixin(_RequestSettings):
     """Video placeholders: ``video_token_count`` of the (t, h/merge, w/merge) grid."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        updates = super()._get_prompt_updates(mm_items, split_request(hf_processor_mm_kwargs)[1], out_mm_kwargs)
         hf_config = self.info.get_hf_config()
-        settings = from_hf_config(hf_config)
-        if settings is None:
+        if self._engine_settings() is None:
             return updates
         merge = hf_config.vision_config.spatial_merge_size
         video_token = hf_config.video_token_id
 
         def video_replacement(item_idx: int) -> list[int]:
             t, h, w = map(int, out_mm_kwargs["video"][item_idx]["video_grid_thw"].data.tolist())
-            return [video_token] * video_token_count(settings.method, t, (h // merge) * (w // merge),
-                                                     settings.retention)
+            return [video_token] * self._video_token_count(out_mm_kwargs, item_idx, t, (h // merge) * (w // merge))
 
         return [PromptReplacement(modality="video", target=u.target, replacement=video_replacement)
                 if u.modality == "video" else u for u in updates]
@@ -109,10 +160,11 @@ class _QwenReduce:
             seconds = inp.get("second_per_grid_ts")
             seconds = seconds.tolist() if seconds is not None else None
             grids = inp["video_grid_thw"].tolist()
+            settings = _video_settings(kwargs, len(grids), self.tokenreduce)
             for i, (emb, grid) in enumerate(zip(self._encode_videos(inp), grids, strict=True)):
                 t, h, w = map(int, grid)
                 cells = (h // merge) * (w // merge)
-                index, kept = reduce_video(self.tokenreduce.method, emb.view(t, cells, -1), self.tokenreduce.retention)
+                index, kept = reduce_video(settings[i].method, emb.view(t, cells, -1), settings[i].retention)
                 factor = (seconds[i] if seconds is not None else 1.0) * tokens_per_second
                 pos = media_positions(grid, merge, factor)
                 pos = pos.to(emb.device, non_blocking=True).index_select(0, index)
@@ -215,7 +267,28 @@ class LlavaOnevisionInfo(LlavaOnevisionProcessingInfo):
         return video_token_count(settings.method, num_frames, cells, settings.retention) + 1
 
 
-@MULTIMODAL_REGISTRY.register_processor(LlavaOnevisionMultiModalProcessor, info=LlavaOnevisionInfo,
+class LlavaOnevisionProcessor(_RequestSettings, LlavaOnevisionMultiModalProcessor):
+    """Video placeholders per item, under each request's settings (the info's count is the server's,
+    which vLLM uses for its budgets)."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, split_request(hf_processor_mm_kwargs)[1], out_mm_kwargs)
+        if self._engine_settings() is None or "video" not in mm_items:
+            return updates
+        videos = mm_items.get_items("video", VideoProcessorItems)
+        video_token = self.info.get_hf_config().video_token_index
+
+        def video_replacement(item_idx: int) -> list[int]:
+            size = videos.get_frame_size(item_idx)
+            cells = self.info._get_num_frame_tokens(image_width=size.width, image_height=size.height)
+            count = self._video_token_count(out_mm_kwargs, item_idx, videos.get_num_frames(item_idx), cells)
+            return [video_token] * (count + 1)  # + the trailing newline
+
+        return [PromptReplacement(modality="video", target=u.target, replacement=video_replacement)
+                if u.modality == "video" else u for u in updates]
+
+
+@MULTIMODAL_REGISTRY.register_processor(LlavaOnevisionProcessor, info=LlavaOnevisionInfo,
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
 class LlavaOnevision(LlavaOnevisionForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = ""):
@@ -240,11 +313,12 @@ class LlavaOnevision(LlavaOnevisionForConditionalGeneration):
                 frames = [pixels.shape[1]] * pixels.shape[0]
             else:
                 frames = [len(video) for video in pixels]
-            for emb, n_frames in zip(self._process_video_pixels(inp), frames, strict=True):
+            settings = _video_settings(kwargs, len(frames), self.tokenreduce)
+            for i, (emb, n_frames) in enumerate(zip(self._process_video_pixels(inp), frames, strict=True)):
                 emb = emb.reshape(-1, emb.shape[-1])
                 body, newline = emb[:-1], emb[-1:]  # the trailing newline belongs to no frame: always kept
-                index, kept = reduce_video(self.tokenreduce.method, body.view(n_frames, -1, body.shape[-1]),
-                                           self.tokenreduce.retention)
+                index, kept = reduce_video(settings[i].method, body.view(n_frames, -1, body.shape[-1]),
+                                           settings[i].retention)
                 out.append(torch.cat([kept, newline]))
                 last.append(index)
         self.tokenreduce_last = last

@@ -1,5 +1,7 @@
-"""The plugin's settings: ``--additional-config '{"tokenreduce": {"method": ..., "retention": ...}}'``,
-checked when vLLM builds its config (start-up), never at the first request."""
+"""The plugin's settings: engine-wide from ``--additional-config '{"tokenreduce": {"method": ...,
+"retention": ...}}'`` (checked when vLLM builds its config, at start-up), and per request from the
+``tokenreduce_method`` / ``tokenreduce_retention`` keys of ``vllm_xargs`` or ``mm_processor_kwargs``
+(checked when the request's media are processed, before it is scheduled)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ MODELS: dict[str, str] = {
 # methods that act before the LLM, with their options (besides retention) and default retention
 METHODS: dict[str, dict[str, Any]] = {"evs": {"retention": 0.3}, "framefusion": {"retention": 0.3}}
 CONFIG_KEY = "tokenreduce"
+REQUEST_KEYS: dict[str, str] = {"tokenreduce_method": "method", "tokenreduce_retention": "retention"}
+REQUEST_PREFIX = "tokenreduce_"
 HF_CONFIG_ATTR = "tokenreduce_vllm"  # where the checked settings travel with the model's config
 
 
@@ -27,6 +31,23 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_tensor(self, videos: int):
+        """``[videos, 2]`` int64: the method's index and the retention's float64 bits, per video. This
+        travels from the processor to ``embed_multimodal`` as a multimodal field; integers, because vLLM
+        casts floating fields to the model's dtype (bf16 would change the retention, hence the count)."""
+        import torch
+
+        bits = torch.tensor([self.retention], dtype=torch.float64).view(torch.int64)
+        row = torch.cat([torch.tensor([list(METHODS).index(self.method)]), bits])
+        return row.expand(videos, 2).clone()
+
+    @classmethod
+    def from_tensor(cls, row) -> Settings:
+        """The settings of one video from its row of :meth:`to_tensor`."""
+        import torch
+
+        return cls(method=list(METHODS)[int(row[0])], retention=float(row[1:2].view(torch.float64)))
 
 
 def supported() -> str:
@@ -55,6 +76,33 @@ def parse(raw: Any) -> Settings | None:
     if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0 < retention <= 1:
         raise ValueError(f"tokenreduce retention must be a number in (0, 1], got {retention!r}")
     return Settings(method=method, retention=float(retention))
+
+
+def split_request(kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(ours, rest)``: the ``tokenreduce_*`` keys of a request's processor kwargs and the others."""
+    kwargs = dict(kwargs or {})
+    ours = {k: v for k, v in kwargs.items() if k.startswith(REQUEST_PREFIX)}
+    return ours, {k: v for k, v in kwargs.items() if k not in ours}
+
+
+def for_request(default: Settings | None, kwargs: Any) -> Settings | None:
+    """The settings of one request: ``default`` (the engine's) overridden by its ``tokenreduce_method``
+    and ``tokenreduce_retention`` keys. Raises ValueError naming the problem."""
+    ours, _ = split_request(kwargs)
+    if not ours:
+        return default
+    if default is None:
+        raise ValueError(f"this vLLM server runs without tokenreduce, so the request's {', '.join(sorted(ours))} "
+                         f"cannot apply; start it with --additional-config "
+                         f"'{{\"tokenreduce\": {{\"method\": \"evs\", \"retention\": 0.3}}}}' (or `tokenreduce "
+                         f"serve --method ...`) to enable per-request settings")
+    unknown = sorted(set(ours) - set(REQUEST_KEYS))
+    if unknown:
+        raise ValueError(f"unknown per-request tokenreduce key(s) {', '.join(unknown)}; "
+                         f"a request may set {', '.join(REQUEST_KEYS)}")
+    raw = {"method": ours.get("tokenreduce_method", default.method),
+           "retention": ours.get("tokenreduce_retention", default.retention)}
+    return parse(raw)
 
 
 def check_model(settings: Settings, architectures: list[str] | None, video_pruning_rate: float | None) -> None:

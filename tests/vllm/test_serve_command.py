@@ -58,3 +58,14 @@ def test_without_vllm(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     assert main(["serve", "M", "--method", "evs"]) == 2
     assert "vLLM is not installed in this Python" in capsys.readouterr().err
+
+
+def test_distribution_ships_the_plugin():
+    """``pip install tokenreduce[vllm]`` is all a server needs: the tokenreduce distribution carries the
+    plugin module and registers it with vLLM's ``vllm.general_plugins`` entry point."""
+    from importlib.metadata import distribution
+
+    plugins = [e for e in distribution("tokenreduce").entry_points if e.group == "vllm.general_plugins"]
+    assert [(e.name, e.value) for e in plugins] == [("tokenreduce", "tokenreduce_vllm:register")]
+    spec = importlib.util.find_spec("tokenreduce_vllm")
+    assert spec is not None and Path(spec.origin).parent == PLUGIN / "tokenreduce_vllm"

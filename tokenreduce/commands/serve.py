@@ -18,7 +18,7 @@ SERVER = "vllm.entrypoints.openai.api_server"
 def register(commands: argparse._SubParsersAction) -> None:
     cmd = commands.add_parser(
         "serve",
-        help="serve a model with vLLM and token reduction before the LLM (needs vLLM and tokenreduce-vllm)",
+        help="serve a model with vLLM and token reduction before the LLM (needs vLLM: pip install 'tokenreduce[vllm]')",
         description=(
             "Start vLLM's OpenAI-compatible server (python -m " + SERVER + ", in this Python) for MODEL with "
             "the tokenreduce vLLM plugin set by --additional-config '{\"tokenreduce\": {...}}'. Methods: those "
@@ -70,11 +70,12 @@ def command(args: argparse.Namespace) -> list[str]:
 
 def _check_installed() -> None:
     if importlib.util.find_spec("vllm") is None:
-        raise UsageError(f"vLLM is not installed in this Python ({sys.executable}); install vLLM and the plugin "
-                         f"with 'pip install vllm ./integrations/vllm' (CPU: integrations/vllm/setup_env.sh)")
+        raise UsageError(f"vLLM is not installed in this Python ({sys.executable}); install it with "
+                         f"\"pip install 'tokenreduce[vllm]'\" (CPU-only machines: integrations/vllm/setup_env.sh)")
     if importlib.util.find_spec("tokenreduce_vllm") is None:
-        raise UsageError("the tokenreduce vLLM plugin is not installed (without it vLLM would ignore the "
-                         "settings); install it with 'pip install ./integrations/vllm'")
+        raise UsageError("the tokenreduce vLLM plugin (module tokenreduce_vllm) is missing from this install "
+                         "(without it vLLM would ignore the settings); reinstall with "
+                         "\"pip install 'tokenreduce[vllm]'\"")
 
 
 def _merge_additional_config(passthrough: list[str], settings: dict) -> dict:

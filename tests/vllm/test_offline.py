@@ -173,10 +173,12 @@ def _take_calls(model) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_videos_of_a_step_encode_together(model_dirs, family):
-    """vLLM's V1 runner encodes videos one at a time when pruning is on; ours batches a step's videos in
-    chunks whose dense token count fits the encoder budget, with the outputs of one request at a time."""
+@pytest.mark.parametrize(("family", "encoder_batch"), [("qwen2_vl", "budget"), ("qwen2_5_vl", "budget"),
+                                                      ("qwen2_5_vl", "auto")])
+def test_videos_of_a_step_encode_together(model_dirs, family, encoder_batch):
+    """vLLM's V1 runner encodes videos one at a time when pruning is on; with ``encoder_batch`` "budget"
+    ours batches a step's videos in chunks whose dense token count fits the encoder budget, with the
+    outputs of one request at a time. "auto" on a CPU keeps one video per tower call."""
     from vllm import SamplingParams
 
     video_tag = _tags(family)[1]
@@ -186,14 +188,17 @@ def test_videos_of_a_step_encode_together(model_dirs, family):
                 "multi_modal_data": {"video": (make_video(FRAMES, SIZE, seed=seed), video_metadata(FRAMES))}}
 
     requests = [request(seed, f"together-{seed}") for seed in range(6)]
-    llm = _llm(model_dirs[family], {"method": "evs", "retention": RETENTION}, max_num_seqs=4)
+    settings = {"method": "evs", "retention": RETENTION, "encoder_batch": encoder_batch}
+    llm = _llm(model_dirs[family], settings, max_num_seqs=4)
     llm.apply_model(_record_tower_calls)
-    budget = llm.apply_model(lambda m: m.tokenreduce_encoder_budget)[0]
+    budget = llm.apply_model(lambda m: getattr(m, "tokenreduce_encoder_budget", None))[0]
     frames, cells = _grid(family)
-    assert budget >= 3 * frames * cells
-
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=1)
     together = llm.generate(requests[:3], params, use_tqdm=False)
+    if encoder_batch == "auto":  # this is a CPU
+        assert budget is None and llm.apply_model(_take_calls)[0] == [1, 1, 1]
+        return
+    assert budget >= 3 * frames * cells
     assert llm.apply_model(_take_calls)[0] == [3]
     llm.apply_model(lambda m: setattr(m, "tokenreduce_encoder_budget", 2 * frames * cells))
     together += llm.generate(requests[3:], params, use_tqdm=False)
@@ -228,13 +233,15 @@ def test_per_request_settings(model_dirs, family):
     frames, cells = _grid(family)
     newline = 1 if family == "llava_onevision" else 0
     embeds, _, _ = _hf_video_embeds(model_dirs[family], family)
-    llm = _llm(model_dirs[family], {"method": "evs", "retention": RETENTION}, max_num_seqs=4)
+    # encoder_batch "budget": the three videos go through the tower in one call (on a CPU "auto" is "one")
+    llm = _llm(model_dirs[family], {"method": "evs", "retention": RETENTION, "encoder_batch": "budget"},
+               max_num_seqs=4)
     low = {"tokenreduce_retention": RETENTION / 2}
     other = {"tokenreduce_method": "framefusion"}
     outs = llm.generate([_video_request(family, low), _video_request(family), _video_request(family, other)], params,
                         use_tqdm=False)
     kept = llm.apply_model(lambda m: [i.cpu().tolist() for i in m.tokenreduce_last])[0]
-    assert len(kept) == 3  # one encoder step: three settings side by side
+    assert len(kept) == 3  # one tower call: three settings side by side
     for out, index, (method, retention) in zip(outs, kept, [("evs", RETENTION / 2), ("evs", RETENTION),
                                                            ("framefusion", RETENTION)], strict=True):
         count = video_token_count(method, frames, cells, retention)
@@ -271,6 +278,7 @@ BAD = [
     ({"method": "evs", "retention": 0}, "retention must be a number in (0, 1]"),
     ({"method": "evs", "retention": 1.5}, "retention must be a number in (0, 1]"),
     ({"method": "framefusion", "retention": 0.3, "cost": 0.3}, "unknown option(s) cost"),
+    ({"method": "evs", "encoder_batch": "all"}, "encoder_batch must be one of auto, budget, one"),
     ({"retention": 0.3}, "needs a 'method'"),
     ("evs", "must be an object"),
 ]

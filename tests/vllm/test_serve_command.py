@@ -38,6 +38,9 @@ def test_command_passes_vllm_options_through(installed, capsys):
     assert config == {"other": 1, "tokenreduce": {"method": "evs", "retention": 0.25}}
     assert cmd.count("--additional-config") == 1
     assert cmd[-4:] == ["--tensor-parallel-size", "2", "--port", "8000"]
+    cmd = _dry_run(capsys, "M", "--method", "evs", "--encoder-batch", "budget")
+    config = json.loads(cmd[cmd.index("--additional-config") + 1])
+    assert config == {"tokenreduce": {"method": "evs", "encoder_batch": "budget"}}
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -36,6 +36,9 @@ def _own_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help="pre-LLM method: evs or framefusion (required)")
     parser.add_argument("--retention", type=float, default=None,
                         help="fraction of each video's tokens kept, in (0, 1] (default 0.3)")
+    parser.add_argument("--encoder-batch", choices=("auto", "budget", "one"), default=None,
+                        help="how a step's videos go through the vision tower: budget (batched within vLLM's "
+                             "encoder budget), one (one per call), auto (one on CPUs, budget on GPUs; default)")
     parser.add_argument("--option", type=option, action="append", default=[], metavar="KEY=VALUE",
                         help="another method option (repeatable); vLLM refuses options it cannot apply")
     parser.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
@@ -46,7 +49,7 @@ def command(args: argparse.Namespace) -> list[str]:
     own = argparse.ArgumentParser(add_help=False)
     _own_options(own)
     extra, passthrough = own.parse_known_args(args.vllm_args)
-    for name in ("method", "retention", "dry_run"):
+    for name in ("method", "retention", "encoder_batch", "dry_run"):
         if getattr(extra, name) not in (None, False):
             setattr(args, name, getattr(extra, name))
     args.option = args.option + extra.option
@@ -55,6 +58,8 @@ def command(args: argparse.Namespace) -> list[str]:
     settings = {"method": args.method}
     if args.retention is not None:
         settings["retention"] = args.retention
+    if args.encoder_batch is not None:
+        settings["encoder_batch"] = args.encoder_batch
     settings.update(dict(args.option))
     _check_installed()
     from tokenreduce_vllm.settings import parse

@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="model name or directory (default with --quick: a tiny random Qwen2.5-VL)")
     p.add_argument("--method", default="evs", help="tokenreduce method: evs or framefusion (default evs)")
     p.add_argument("--retention", type=float, default=0.3, help="fraction of video tokens kept (default 0.3)")
+    p.add_argument("--encoder-batch", default="auto",
+                   help="the plugin's encoder_batch, comma-separated for one reduced server each: auto, budget, "
+                        "one (default auto)")
     p.add_argument("--vllm-evs", action="store_true",
                    help="also run vLLM's own EVS (--video-pruning-rate 1-retention; Qwen2.5-VL and others)")
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated levels (default 1,4,16,32)")
@@ -74,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--concurrency levels and --requests must be >= 1, --max-seconds > 0")
     if not 0 < args.retention <= 1:
         p.error(f"--retention must be in (0, 1], got {args.retention}")
+    args.encoder_batches = args.encoder_batch.split(",")
+    if bad := [b for b in args.encoder_batches if b not in ("auto", "budget", "one")]:
+        p.error(f"--encoder-batch: expected auto, budget or one, got {', '.join(bad)}")
     return args
 
 
@@ -223,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         from tokenreduce_vllm.testing import make_model
 
         model = str(make_model(tempfile.mkdtemp(prefix="tokenreduce_serve_"), "qwen2_5_vl"))
-    reduce_cfg = json.dumps({"tokenreduce": {"method": args.method, "retention": args.retention}})
-    servers = [("dense", []), (f"{args.method} {args.retention:g}", ["--additional-config", reduce_cfg])]
+    servers = [("dense", [])]
+    for batch in args.encoder_batches:
+        settings = {"method": args.method, "retention": args.retention, "encoder_batch": batch}
+        name = f"{args.method} {args.retention:g}" + ("" if batch == "auto" else f" ({batch})")
+        servers.append((name, ["--additional-config", json.dumps({"tokenreduce": settings})]))
     if args.vllm_evs:
         servers.append((f"vllm-evs {args.retention:g}", ["--video-pruning-rate", f"{1 - args.retention:g}"]))
     rows = []
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                                  args, model, out))
     import vllm
 
-    meta = {"model": model, "method": args.method, "retention": args.retention, "frames": args.frames,
+    meta = {"model": model, "method": args.method, "retention": args.retention,
+            "encoder_batch": args.encoder_batches, "frames": args.frames,
             "size": args.size, "fps": args.fps, "max_tokens": args.max_tokens, "dtype": args.dtype,
             "vllm": vllm.__version__, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "quick": args.quick}

@@ -21,7 +21,6 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from .config_hook import install_config_hook
-    from .request_hook import install_request_hook
     from .runner_hook import install_runner_hook
     from .settings import MODELS
 
@@ -29,5 +28,4 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     install_config_hook()
     install_runner_hook()
-    install_request_hook()
     _registered = True

@@ -10,7 +10,13 @@ from .settings import CONFIG_KEY, HF_CONFIG_ATTR, check_model, parse
 def apply(vllm_config) -> None:
     """Parse and check ``additional_config["tokenreduce"]`` (ValueError on bad settings) and attach
     the result to the model's Hugging Face config, which vLLM hands to the multimodal processor and
-    the model in every process (the processor sees no other part of the engine's config)."""
+    the model in every process (the processor sees no other part of the engine's config).
+
+    Also installs the request hook: configs are built in the process that serves requests (the OpenAI
+    server, or the offline ``LLM``), not in the engine's workers, which need none of it."""
+    from .request_hook import install_request_hook
+
+    install_request_hook()
     extra = vllm_config.additional_config
     settings = parse(extra.get(CONFIG_KEY)) if isinstance(extra, dict) else None
     model_config = vllm_config.model_config

@@ -160,6 +160,45 @@ def test_same_tokens_as_hugging_face(model_dirs, family, method):
         assert hf_index.tolist() == index.tolist()
 
 
+def _record_positions(model) -> None:
+    """Record the positions of every forward of the LLM's first layer in ``model.tokenreduce_positions_seen``."""
+    model.tokenreduce_positions_seen = []
+    model.language_model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: model.tokenreduce_positions_seen.append(args[0].cpu().clone()), with_kwargs=True)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_llava_onevision_original_positions(model_dirs, chunk):
+    """LLaVA-OneVision (1-D RoPE) through M-RoPE with equal rows: the kept video tokens sit at their
+    dense-prompt positions, the newline and the text after the video too, and generation continues from
+    the dense prompt's end, also when chunked prefill splits the video (``chunk`` tokens per step)."""
+    from vllm import SamplingParams
+
+    extra = {"max_num_batched_tokens": chunk, "enable_chunked_prefill": True} if chunk else {}
+    llm = _llm(model_dirs["llava_onevision"], {"method": "evs", "retention": RETENTION}, **extra)
+    llm.apply_model(_record_positions)
+    out = llm.generate([_video_request("llava_onevision")], SamplingParams(max_tokens=3, temperature=0.0),
+                       use_tqdm=False)[0]
+    kept = llm.apply_model(lambda m: m.tokenreduce_last[0].cpu())[0]
+    seen = llm.apply_model(lambda m: m.tokenreduce_positions_seen)[0]
+    del llm
+    gc.collect()
+    rows = torch.cat(seen, dim=-1)
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], rows[2])
+    ids = list(out.prompt_token_ids)
+    _, video_id = placeholder_ids(model_dirs["llava_onevision"])
+    start, frames, cells = ids.index(video_id), *_grid("llava_onevision")
+    dense = frames * cells + 1
+    assert ids.count(video_id) == len(kept) + 1
+    expected = torch.cat([torch.arange(start), start + kept, torch.tensor([start + dense - 1]),
+                          start + dense + torch.arange(len(ids) - start - len(kept) - 1)])
+    prompt = rows[0, :len(ids)]
+    assert torch.equal(prompt, expected)
+    assert rows[0, len(ids):].tolist() == [start + dense + len(ids) - start - len(kept) - 1 + i for i in range(2)]
+    if chunk:
+        assert len(seen) > 3  # the prompt did go through in several steps
+
+
 def _record_tower_calls(model) -> None:
     """Count the videos of every vision-tower call in ``model.tokenreduce_calls``."""
     model.tokenreduce_calls = []

@@ -26,6 +26,10 @@ def apply(vllm_config) -> None:
         mm = model_config.multimodal_config
         check_model(settings, model_config.architectures, mm.video_pruning_rate if mm is not None else None)
         _check_platform()
+        if model_config.architectures[0] == "LlavaOnevisionForConditionalGeneration":
+            from .llava_onevision import use_mrope_positions
+
+            use_mrope_positions(model_config.hf_text_config)  # original 1-D positions through M-RoPE
     setattr(model_config.hf_config, HF_CONFIG_ATTR, settings.to_dict() if settings else None)
 
 

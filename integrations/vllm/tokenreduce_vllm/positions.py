@@ -1,4 +1,5 @@
-"""Original M-RoPE positions of a media item, and their exact encoding in embedding channels."""
+"""Original positions of a media item (3-D M-RoPE and 1-D), their exact encoding in embedding channels, and
+the 1-D prompt positions of a reduced prompt with their rewrite after the encoder."""
 
 from __future__ import annotations
 
@@ -32,3 +33,34 @@ def decode_positions(channels: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode_positions`: ``[n, 8]`` channels to ``[4, n]`` long positions."""
     digits = channels.round().long()
     return (digits[:, :4] * 256 + digits[:, 4:]).T.contiguous()
+
+
+def sequence_positions(n_tokens: int, runs: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+    """1-D RoPE positions of a prompt whose media runs ``(offset, placeholders, dense tokens)`` hold fewer
+    tokens than in the dense prompt, as ``[3, N]`` M-RoPE rows (all equal, which is exactly 1-D RoPE) and
+    the offset of the positions after the prompt. Every token after a run gets its dense-prompt position;
+    a run's own tokens count up from the run's dense start until :func:`rewrite_media_positions` writes
+    the kept tokens' original offsets."""
+    positions = torch.arange(n_tokens)
+    for offset, length, dense in runs:
+        positions[offset + length:] += dense - length
+    return positions.expand(3, -1).clone(), sum(dense - length for _, length, dense in runs)
+
+
+def rewrite_media_positions(positions: torch.Tensor, input_ids: torch.Tensor, media_ids: list[int],
+                            num_computed_tokens: int, channels: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Write the original 1-D positions of the media rows of one prefill step. ``channels`` holds, per
+    media embedding of the step (in prompt order, possibly a slice of an item under chunked prefill),
+    ``[4, n]``: each row's original offset in its item and its rank among the item's kept rows. The
+    step's embedding rows are the prompt's first media tokens from ``num_computed_tokens`` on; a row of
+    rank r sits r tokens after its item's first kept token, whose offset is 0 (the first frame is
+    always kept), so its item starts at that token's position. Returns the positions and the offset of
+    the positions after the prompt."""
+    n = input_ids.numel()
+    if channels:
+        original, rank = torch.cat([c[0] for c in channels]), torch.cat([c[1] for c in channels])
+        media = torch.isin(input_ids, torch.tensor(media_ids)).nonzero().flatten()
+        rows = media[media >= num_computed_tokens][:original.numel()]
+        positions = positions.clone()
+        positions[:, rows] = positions[0, rows - rank] + original
+    return positions, int(positions.max()) + 1 - n if n else 0

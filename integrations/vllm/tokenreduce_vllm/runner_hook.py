@@ -11,7 +11,7 @@ The V1 runner reads the same flag to encode a step's videos one at a time (a mem
 scheduler admits videos by their pruned token count). With ``encoder_batch`` "budget" (the default
 on GPUs) the hook clears the flag while the encoder runs and hands the model the encoder budget, by
 which ``embed_multimodal`` chunks the videos on their dense token count
-(``models._QwenReduce._encode_videos``): a dense server's batching, within the memory it profiled.
+(``processing.encoder_chunks``): a dense server's batching, within the memory it profiled.
 With "one" (the default on CPUs, where a tower call's time per video grows with the batch) the
 runner's own one-at-a-time split stays.
 """

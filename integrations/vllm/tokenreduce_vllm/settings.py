@@ -10,9 +10,9 @@ from typing import Any
 
 # vLLM architecture name -> the plugin's subclass that replaces it ("module:Class", imported lazily)
 MODELS: dict[str, str] = {
-    "Qwen2VLForConditionalGeneration": "tokenreduce_vllm.models:Qwen2VL",
-    "Qwen2_5_VLForConditionalGeneration": "tokenreduce_vllm.models:Qwen2_5_VL",
-    "LlavaOnevisionForConditionalGeneration": "tokenreduce_vllm.models:LlavaOnevision",
+    "Qwen2VLForConditionalGeneration": "tokenreduce_vllm.qwen:Qwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "tokenreduce_vllm.qwen:Qwen2_5_VL",
+    "LlavaOnevisionForConditionalGeneration": "tokenreduce_vllm.llava_onevision:LlavaOnevision",
 }
 # methods that act before the LLM, with their options (besides retention) and default retention
 METHODS: dict[str, dict[str, Any]] = {"evs": {"retention": 0.3}, "framefusion": {"retention": 0.3}}

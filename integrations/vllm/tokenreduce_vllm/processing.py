@@ -1,0 +1,102 @@
+"""What the plugin's model classes share: the engine's settings, the per-request settings in the
+multimodal processor, and the encoder chunking by dense token count.
+
+Without tokenreduce settings every class behaves exactly as vLLM's. With them the multimodal processor
+writes each video's placeholders with the reduced count, fixed from the retention and the video's frame
+grid before any pixel is seen (as vLLM's EVS does), and ``embed_multimodal`` runs the vision tower as
+usual, then keeps (or merges into) that many tokens per video with
+:func:`tokenreduce.methods.pre_llm.reduce_video`, the function the Hugging Face side uses. Every
+multimodal embedding carries its original position in ``POSITION_CHANNELS`` extra channels, which the
+runner turns into the prompt's positions through the model's ``recompute_mrope_positions`` (see
+runner_hook), so kept tokens keep their original positions and the text after a video and the generated
+tokens continue from the dense prompt's positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from tokenreduce.methods.pre_llm import video_token_count
+
+from .settings import CONFIG_KEY, Settings, for_request, from_hf_config, parse, split_request
+
+POSITION_CHANNELS = 8  # 4 values, each as two base-256 digits: exact in bf16/fp16
+FIELD = "tokenreduce_settings"  # per-video multimodal field: the settings that fixed its placeholder count
+
+
+def engine_settings(vllm_config) -> Settings | None:
+    extra = vllm_config.additional_config
+    return parse(extra.get(CONFIG_KEY)) if isinstance(extra, dict) else None
+
+
+def video_settings(kwargs: Mapping[str, object], videos: int, default: Settings) -> list[Settings]:
+    """Each video's settings from the ``FIELD`` rows the processor attached (the engine's if absent)."""
+    rows = kwargs.get(FIELD)
+    if rows is None:
+        return [default] * videos
+    return [Settings.from_tensor(row) for row in rows]
+
+
+def encoder_chunks(tokens: list[int], budget: int | None) -> list[tuple[int, int]]:
+    """``(first, end)`` item ranges, consecutive, whose summed dense ``tokens`` fit ``budget`` (at least
+    one item each; one range for all without a budget).
+
+    vLLM's V1 runner encodes videos one at a time whenever pruning is on, because its scheduler admits
+    videos by their pruned count and a whole step's videos could exceed the memory it profiled. With
+    ``encoder_batch`` "budget" the runner hook turns that split off and the models chunk by this instead:
+    the same peak as a dense server's batch, and batching kept."""
+    if not budget:
+        return [(0, len(tokens))]
+    chunks, first = [], 0
+    while first < len(tokens):
+        end, total = first + 1, tokens[first]
+        while end < len(tokens) and total + tokens[end] <= budget:
+            total += tokens[end]
+            end += 1
+        chunks.append((first, end))
+        first = end
+    return chunks
+
+
+class RequestSettings:
+    """Per-request settings in the multimodal processor. A request's ``tokenreduce_method`` and
+    ``tokenreduce_retention`` processor kwargs (from ``mm_processor_kwargs``, or ``vllm_xargs`` through
+    the request hook) override the engine's; they are checked here (a bad value fails the request before
+    it is scheduled), kept out of the HF processor, and attached to every video as the ``FIELD``
+    multimodal field, which fixes its placeholder count and tells ``embed_multimodal`` what to keep. vLLM
+    hashes processor kwargs into each item's cache key, so a video cached at one retention is never
+    reused at another."""
+
+    def _engine_settings(self) -> Settings | None:
+        return from_hf_config(self.info.get_hf_config())
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
+        settings = for_request(self._engine_settings(), hf_kwargs)
+        out = super()._apply_hf_processor_main(mm_items, split_request(hf_kwargs)[1])
+        videos = mm_items.get_all_counts().get("video", 0)
+        if settings is not None and videos:
+            out[FIELD] = settings.to_tensor(videos)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, split_request(hf_processor_mm_kwargs)[1]))
+        if FIELD in hf_inputs:
+            fields[FIELD] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
+
+    def _video_token_count(self, out_mm_kwargs, item_idx: int, frames: int, cells: int) -> int:
+        """A video's placeholder count under its request's settings, which may not keep more than the
+        server's: those size vLLM's encoder budget and memory profile."""
+        engine = self._engine_settings()
+        item = out_mm_kwargs["video"][item_idx]
+        settings = Settings.from_tensor(item[FIELD].data) if FIELD in item else engine
+        count = video_token_count(settings.method, frames, cells, settings.retention)
+        cap = video_token_count(engine.method, frames, cells, engine.retention)
+        if count > cap:
+            raise ValueError(f"the request's tokenreduce settings ({settings.method}, retention "
+                             f"{settings.retention}) keep {count} tokens of a video, more than the server's "
+                             f"({engine.method}, retention {engine.retention}: {cap}); a request may only "
+                             f"reduce further (start the server with a higher retention to allow more)")
+        return count

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Only 127.0.0.1 is contacted; the servers are started by this script.")
     p.add_argument("--model", help="model name or directory (default with --quick: a tiny random Qwen2.5-VL)")
-    p.add_argument("--method", default="evs", help="tokenreduce method: evs or framefusion (default evs)")
+    p.add_argument("--method", default="evs", help="pre-LLM method: evs, framefusion, aim or sms (default evs)")
     p.add_argument("--retention", type=float, default=0.3, help="fraction of video tokens kept (default 0.3)")
     p.add_argument("--encoder-batch", default="auto",
                    help="the plugin's encoder_batch, comma-separated for one reduced server each: auto, budget, "

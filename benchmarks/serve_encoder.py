@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model name or directory (default with --quick: a tiny random Qwen2.5-VL)")
-    p.add_argument("--method", default="evs", help="tokenreduce method: evs or framefusion (default evs)")
+    p.add_argument("--method", default="evs", help="pre-LLM method: evs, framefusion, aim or sms (default evs)")
     p.add_argument("--retention", type=float, default=0.3, help="fraction of video tokens kept (default 0.3)")
     p.add_argument("--videos", type=int, default=16, help="requests (one video each) per wave (default 16)")
     p.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")

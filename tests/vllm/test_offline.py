@@ -18,7 +18,7 @@ from tokenreduce_vllm.testing import FAMILIES, make_video, placeholder_ids, vide
 
 from tokenreduce.methods.pre_llm import reduce_video, video_token_count  # noqa: E402
 
-METHODS = ("evs", "framefusion")
+METHODS = ("evs", "framefusion", "aim", "sms")
 FRAMES, SIZE = 8, 56
 RETENTION = 0.5
 _RUNS: dict = {}
@@ -140,16 +140,17 @@ def _hf_video_embeds(model_dir, family: str) -> torch.Tensor:
 @pytest.mark.parametrize("method", METHODS)
 def test_same_tokens_as_hugging_face(model_dirs, family, method):
     """vLLM keeps exactly the tokens that the same function keeps on transformers' own embeddings of the
-    same video; for ``evs`` also those that ``tokenreduce.patch(model, "evs")`` keeps inside a HF forward."""
+    same video; for ``evs`` and ``aim`` also those that ``tokenreduce.patch(model, method)`` keeps inside a
+    HF forward (AIM without its in-LLM pruning)."""
     reduced = run(model_dirs, family, {"method": method, "retention": RETENTION})
     embeds, model, inputs = _hf_video_embeds(model_dirs[family], family)
     index, _ = reduce_video(method, embeds, RETENTION)
     assert reduced[1]["kept"] == [index.tolist()]
-    if method == "evs":
+    if method in ("evs", "aim"):  # the HF methods whose pre-LLM stage has its count fixed by the retention
         import tokenreduce
 
         _, video_id = placeholder_ids(model_dirs[family])
-        tokenreduce.patch(model, "evs", retention=RETENTION)
+        tokenreduce.patch(model, method, retention=RETENTION, **({"prune": False} if method == "aim" else {}))
         with torch.no_grad():
             model(**inputs)
         video_rows = (inputs["input_ids"][0] == video_id).nonzero().flatten()

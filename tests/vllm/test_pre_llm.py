@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokenreduce.methods.aim import aim_frame_count
 from tokenreduce.methods.evs import evs_keep
-from tokenreduce.methods.pre_llm import framefusion_count, framefusion_merge, reduce_video, video_token_count
+from tokenreduce.methods.pre_llm import (
+    PRE_LLM_METHODS,
+    aim_merge,
+    framefusion_count,
+    framefusion_merge,
+    reduce_video,
+    sms_keep,
+    video_token_count,
+)
 
 
 def _video(frames=6, cells=5, dim=8, seed=0):
@@ -15,17 +24,21 @@ def _video(frames=6, cells=5, dim=8, seed=0):
     return torch.randn(frames, cells, dim, generator=g)
 
 
-@pytest.mark.parametrize("method", ["evs", "framefusion"])
+@pytest.mark.parametrize("method", PRE_LLM_METHODS)
 @pytest.mark.parametrize("retention", [0.1, 0.37, 0.5, 1.0])
-def test_count_fixed_in_advance(method, retention):
-    video = _video()
+@pytest.mark.parametrize("cells", [1, 5, 12])
+def test_count_fixed_in_advance(method, retention, cells):
+    video = _video(cells=cells)
     index, embeds = reduce_video(method, video, retention)
-    count = video_token_count(method, 6, 5, retention)
+    count = video_token_count(method, 6, cells, retention)
     assert index.shape == (count,) and embeds.shape == (count, 8)
     assert torch.equal(index, index.sort().values) and index.unique().numel() == count
-    assert (index[:5] == torch.arange(5)).all()  # the first frame is always kept
+    if method in ("evs", "framefusion"):  # the first frame is always kept
+        assert (index[:cells] == torch.arange(cells)).all()
+    if method == "aim":  # each frame's first token is its group's earliest member
+        assert set(range(0, 6 * cells, cells)) <= set(index.tolist())
     if retention == 1.0:
-        assert torch.equal(index, torch.arange(30)) and torch.equal(embeds, video.reshape(30, 8))
+        assert torch.equal(index, torch.arange(6 * cells)) and torch.equal(embeds, video.reshape(-1, 8))
 
 
 def test_counts():
@@ -33,6 +46,8 @@ def test_counts():
     assert framefusion_count(6, 5, 0.05) == 5  # never below one frame
     assert framefusion_count(1, 5, 0.3) == 5  # a single frame has nothing to merge into
     assert video_token_count("evs", 6, 5, 0.37) == 11  # vLLM's int(...) rounding
+    assert aim_frame_count(196, 0.25) == 49 and video_token_count("aim", 6, 196, 0.25) == 6 * 49
+    assert video_token_count("sms", 6, 5, 0.37) == 6 * 2 and video_token_count("sms", 6, 5, 0.01) == 6
     with pytest.raises(ValueError, match="unknown pre-LLM method 'fastv'"):
         video_token_count("fastv", 6, 5, 0.3)
 
@@ -58,6 +73,23 @@ def test_framefusion_merges_duplicates_size_weighted():
     index, embeds = reduce_video("framefusion", video, 0.5)
     assert torch.equal(index, keep.flatten().nonzero().flatten())
     assert torch.allclose(embeds[0], expected, atol=1e-6)
+
+
+def test_aim_merges_duplicates_within_frames():
+    """Two identical tokens in a frame merge first; the group keeps its earliest member's slot and holds
+    the members' mean; frames never merge with each other."""
+    video = _video(frames=2, cells=4)
+    video[0, 1] = video[0, 0]  # an A token (slot 0) and its identical B token (slot 1)
+    video[1] = video[0]
+    keep, merged = aim_merge(video, 0.75)  # 3 of 4 per frame: one merge each
+    assert keep.sum(dim=1).tolist() == [3, 3] and not keep[:, 1].any() and keep[:, 0].all()
+    assert torch.allclose(merged[:, 0], video[0, 0].expand(2, -1))
+
+
+def test_sms_keeps_the_most_typical_tokens():
+    video = _video(frames=1, cells=6)
+    video[0, :3] = video[0, 0] + 0.01 * torch.randn(3, 8)  # three near-copies dominate the frame's mean
+    assert sms_keep(video, 0.5)[0].tolist() == [True, True, True, False, False, False]
 
 
 def test_bad_input():

@@ -22,7 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=(
             "Start vLLM's OpenAI-compatible server (python -m " + SERVER + ", in this Python) for MODEL with "
             "the tokenreduce vLLM plugin set by --additional-config '{\"tokenreduce\": {...}}'. Methods: those "
-            "that act before the LLM (evs, framefusion's merge stage); the placeholder count of each video is "
+            "that act before the LLM (evs, framefusion's merge stage, aim's merging, sms's first round); the "
+            "placeholder count of each video is "
             "fixed from --retention. Every option not listed here goes to vLLM unchanged, e.g. "
             "'tokenreduce serve Qwen/Qwen2.5-VL-7B-Instruct --method evs --retention 0.3 --tensor-parallel-size 2 "
             "--port 8000'."))
@@ -33,7 +34,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _own_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default=None, help="pre-LLM method: evs or framefusion (required)")
+    parser.add_argument("--method", default=None, help="pre-LLM method: evs, framefusion, aim or sms (required)")
     parser.add_argument("--retention", type=float, default=None,
                         help="fraction of each video's tokens kept, in (0, 1] (default 0.3)")
     parser.add_argument("--encoder-batch", choices=("auto", "budget", "one"), default=None,
@@ -54,7 +55,7 @@ def command(args: argparse.Namespace) -> list[str]:
             setattr(args, name, getattr(extra, name))
     args.option = args.option + extra.option
     if args.method is None:
-        raise UsageError("--method is required: evs or framefusion (the methods that act before the LLM)")
+        raise UsageError("--method is required: evs, framefusion, aim or sms (the methods that act before the LLM)")
     settings = {"method": args.method}
     if args.retention is not None:
         settings["retention"] = args.retention

@@ -15,6 +15,57 @@ from ..ops.frames import frame_slots
 from .base import Method, Selection, Step, check_fraction, check_layer
 
 
+def aim_rounds(retention: float, rounds: int | None = None) -> int:
+    """Merging rounds: ``rounds`` if given, else enough halvings to reach ``retention``, plus one."""
+    return rounds or max(1, math.ceil(math.log2(1 / retention)) + 1)
+
+
+def aim_frame_count(cells: int, retention: float, rounds: int | None = None) -> int:
+    """Tokens AIM's merging leaves of a frame of ``cells`` tokens (known before the data is seen)."""
+    n, target = cells, math.ceil(cells * retention - 1e-9)
+    for _ in range(aim_rounds(retention, rounds)):
+        n -= min(n // 2 if rounds is not None else max(n - target, 0), (n + 1) // 2)
+    return n
+
+
+def aim_groups(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor, retention: float,
+               rounds: int | None = None) -> torch.Tensor:
+    """``[G, C]`` long: each slot's representative slot after AIM's bipartite merging of every group
+    (frame) ``feats`` ``[G, C, D]`` (``present`` slots, token ``size`` weights): per round, the present
+    tokens alternate into sets A and B, each A token matches its most similar B token (cosine), and the
+    best-matched A tokens merge into their match (size-weighted), until each group keeps ``retention``
+    of its tokens or for exactly ``rounds`` halving rounds. Shared by the HF method and the vLLM path."""
+    dtype = feats.dtype
+    present = present.clone()
+    feats = feats.float()
+    size = size.float() * present
+    target = torch.ceil(present.sum(dim=1).double() * retention - 1e-9).long()
+    cells = torch.arange(present.shape[1], device=present.device).expand_as(present)
+    rep = cells.clone()  # each slot's current representative slot
+    for _ in range(aim_rounds(retention, rounds)):  # a bounded count known on the host (no data-dependent loop)
+        n = present.sum(dim=1)
+        order = present.long().cumsum(dim=1) - 1
+        a_set, b_set = present & (order % 2 == 0), present & (order % 2 == 1)
+        unit = F.normalize(feats, dim=-1).to(dtype)  # bf16 matmul on GPU: tensor cores
+        sim = (unit @ unit.transpose(1, 2)).float()
+        sim = sim.masked_fill(~b_set[:, None, :], float("-inf"))
+        best, match = sim.max(dim=2)
+        best = best.masked_fill(~a_set, float("-inf"))
+        r = (n - target).clamp(min=0) if rounds is None else n // 2
+        r = torch.minimum(r, a_set.sum(dim=1))
+        merged = topk_mask(best, a_set, r)
+        # size-weighted means of B tokens and the A tokens merging into them
+        into = torch.where(merged, match, cells)
+        w = size[..., None] * feats
+        total = torch.zeros_like(feats).scatter_add_(1, into[..., None].expand_as(feats), w)
+        new_size = torch.zeros_like(size).scatter_add_(1, into, size)
+        feats = torch.where((new_size > 0)[..., None], total / new_size.clamp(min=1e-6)[..., None], feats)
+        size = torch.where(merged, 0.0, new_size)
+        present = present & ~merged
+        rep = into.gather(1, rep)
+    return rep
+
+
 @dataclass
 class AIM(Method):
     """Before LLM layer 0, iterative bipartite merging inside each frame or image: its tokens are
@@ -100,35 +151,8 @@ class AIM(Method):
         member = step.visual & (step.frame >= 0)
         slots = frame_slots(member, step.item, step.frame, step.cell, step.max_items, step.max_frames,
                             step.max_cells)
-        present = slots.present.clone()
-        feats = slots.gather(step.hidden).float()  # [G, C, D]
-        size = slots.gather(step.size).float() * present
-        n0 = present.sum(dim=1)
-        target = torch.ceil(n0.double() * self.retention - 1e-9).long()
-        cells = torch.arange(present.shape[1], device=present.device).expand_as(present)
-        rep = cells.clone()  # each slot's current representative slot
-        rounds = self.rounds or max(1, math.ceil(math.log2(1 / self.retention)) + 1)
-        for _ in range(rounds):  # a bounded count known on the host (no data-dependent loop)
-            n = present.sum(dim=1)
-            order = present.long().cumsum(dim=1) - 1
-            a_set, b_set = present & (order % 2 == 0), present & (order % 2 == 1)
-            unit = F.normalize(feats, dim=-1).to(step.hidden.dtype)  # bf16 matmul on GPU: tensor cores
-            sim = (unit @ unit.transpose(1, 2)).float()
-            sim = sim.masked_fill(~b_set[:, None, :], float("-inf"))
-            best, match = sim.max(dim=2)
-            best = best.masked_fill(~a_set, float("-inf"))
-            r = (n - target).clamp(min=0) if self.rounds is None else n // 2
-            r = torch.minimum(r, a_set.sum(dim=1))
-            merged = topk_mask(best, a_set, r)
-            # size-weighted means of B tokens and the A tokens merging into them
-            into = torch.where(merged, match, cells)
-            w = size[..., None] * feats
-            total = torch.zeros_like(feats).scatter_add_(1, into[..., None].expand_as(feats), w)
-            new_size = torch.zeros_like(size).scatter_add_(1, into, size)
-            feats = torch.where((new_size > 0)[..., None], total / new_size.clamp(min=1e-6)[..., None], feats)
-            size = torch.where(merged, 0.0, new_size)
-            present = present & ~merged
-            rep = into.gather(1, rep)
+        rep = aim_groups(slots.gather(step.hidden), slots.present, slots.gather(step.size), self.retention,
+                         self.rounds)
         # the surviving row of each group of merged tokens is its earliest member (original position)
         row = slots.flat % step.rows.shape[1]
         first = torch.full_like(row, step.rows.shape[1]).scatter_reduce_(

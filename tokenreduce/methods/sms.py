@@ -3,6 +3,7 @@ from the knee of the similarity-to-reference curve, then a second round inside t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,6 +14,22 @@ from ..ops import topk_mask
 from ..ops.frames import frame_slots
 from ..ops.knee import RULES, knee_count
 from .base import Method, Selection, Step, check_fraction, check_layer
+
+
+def sms_similarity(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """``[G, C]``: cosine similarity of each present token of every group (frame) ``feats`` ``[G, C, D]``
+    to the group's reference, its ``size``-weighted mean token (-inf where absent). Shared by the HF
+    method and the vLLM path."""
+    feats = feats.float()
+    weight = (size.float() * present)[..., None]
+    reference = (feats * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-6)
+    sim = F.cosine_similarity(feats, reference[:, None, :], dim=-1)
+    return sim.masked_fill(~present, float("-inf"))
+
+
+def sms_frame_count(cells: int, retention: float) -> int:
+    """Tokens a frame of ``cells`` tokens keeps when the count is fixed by ``retention`` (no knee)."""
+    return max(1, math.ceil(cells * retention - 1e-9))
 
 
 @dataclass
@@ -83,11 +100,7 @@ class SMS(Method):
         member = step.visual & (step.frame >= 0)
         slots = frame_slots(member, step.item, step.frame, step.cell, step.max_items, step.max_frames,
                             step.max_cells)
-        feats = slots.gather(step.hidden).float()
-        weight = (slots.gather(step.size).float() * slots.present)[..., None]
-        reference = (feats * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-6)
-        sim = F.cosine_similarity(feats, reference[:, None, :], dim=-1)
-        sim = sim.masked_fill(~slots.present, float("-inf"))
+        sim = sms_similarity(slots.gather(step.hidden), slots.present, slots.gather(step.size))
         n = slots.present.sum(dim=1)
         ordered, order = torch.sort(sim, dim=1, descending=True, stable=True)
         count = knee_count(ordered, n, self.knee, self.slope)

@@ -15,7 +15,8 @@ MODELS: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "tokenreduce_vllm.llava_onevision:LlavaOnevision",
 }
 # methods that act before the LLM, with their options (besides retention) and default retention
-METHODS: dict[str, dict[str, Any]] = {"evs": {"retention": 0.3}, "framefusion": {"retention": 0.3}}
+METHODS: dict[str, dict[str, Any]] = {"evs": {"retention": 0.3}, "framefusion": {"retention": 0.3},
+                                      "aim": {"retention": 0.25}, "sms": {"retention": 0.3}}
 # how a step's videos go through the vision tower: "budget" (batches whose dense token count fits the
 # encoder budget, as a dense server batches), "one" (one video per call, as vLLM's V1 runner does when
 # pruning), "auto" ("one" on CPUs, where per-video tower time grows with the batch, "budget" elsewhere)
@@ -147,4 +148,9 @@ def _in_llm_options(method: str, options: dict[str, Any]) -> str:
     if method == "framefusion":
         return (" (vLLM runs FrameFusion's merge stage only, with a token count fixed from the retention: its "
                 "similarity threshold, cost budget and importance pruning need the data or the LLM's layers)")
+    if method == "aim":
+        return " (vLLM runs AIM's merging only: its progressive pruning acts inside the LLM's layers)"
+    if method == "sms":
+        return (" (vLLM runs Sparsity-Meets-Similarity's first round only, with a count fixed from the retention: "
+                "the knee needs the data and the second round the LLM's layers)")
     return ""

@@ -29,8 +29,15 @@ from vllm.multimodal.processing import PromptReplacement
 
 from tokenreduce.methods.pre_llm import reduce_video, video_token_count
 
-from .positions import decode_positions, encode_positions, rewrite_media_positions, sequence_positions
-from .processing import POSITION_CHANNELS, RequestSettings, encoder_chunks, engine_settings, video_settings
+from .positions import encode_positions, rewrite_media_positions, sequence_positions
+from .processing import (
+    RequestSettings,
+    encoder_chunks,
+    engine_settings,
+    prompt_ids,
+    split_positions,
+    video_settings,
+)
 from .settings import from_hf_config, split_request
 
 
@@ -162,13 +169,8 @@ class LlavaOnevision(LlavaOnevisionForConditionalGeneration):
                                   mrope_positions: torch.Tensor, num_computed_tokens: int):
         """Strip the position channels and write the step's media rows at their original positions (on
         the host: one device-to-host copy of the small position channels per call)."""
-        embeds = [mm[:, :-POSITION_CHANNELS] for mm in multimodal_embeddings]
-        channels = []
-        if multimodal_embeddings:
-            packed = torch.cat([mm[:, -POSITION_CHANNELS:] for mm in multimodal_embeddings]).cpu()
-            channels = list(decode_positions(packed).split([mm.shape[0] for mm in multimodal_embeddings], dim=1))
-        ids = input_ids.cpu() if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.long)
-        positions, delta = rewrite_media_positions(
-            mrope_positions.cpu(), ids.long(), [self.config.image_token_index, self.config.video_token_index],
-            num_computed_tokens, channels)
+        embeds, channels = split_positions(multimodal_embeddings)
+        media = [self.config.image_token_index, self.config.video_token_index]
+        positions, delta = rewrite_media_positions(mrope_positions.cpu(), prompt_ids(input_ids), media,
+                                                   num_computed_tokens, channels)
         return embeds, positions.to(mrope_positions.device), delta

@@ -14,12 +14,14 @@ tokens continue from the dense prompt's positions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from tokenreduce.methods.pre_llm import video_token_count
 
+from .positions import decode_positions
 from .settings import CONFIG_KEY, Settings, for_request, from_hf_config, parse, split_request
 
 POSITION_CHANNELS = 8  # 4 values, each as two base-256 digits: exact in bf16/fp16
@@ -37,6 +39,21 @@ def video_settings(kwargs: Mapping[str, object], videos: int, default: Settings)
     if rows is None:
         return [default] * videos
     return [Settings.from_tensor(row) for row in rows]
+
+
+def split_positions(multimodal_embeddings: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The embeddings without their ``POSITION_CHANNELS``, and each one's decoded ``[4, n]`` positions, on
+    the host (one device-to-host copy of the small channels for the whole call)."""
+    embeds = [mm[:, :-POSITION_CHANNELS] for mm in multimodal_embeddings]
+    if not multimodal_embeddings:
+        return embeds, []
+    packed = torch.cat([mm[:, -POSITION_CHANNELS:] for mm in multimodal_embeddings]).cpu()
+    return embeds, list(decode_positions(packed).split([mm.shape[0] for mm in multimodal_embeddings], dim=1))
+
+
+def prompt_ids(input_ids) -> torch.Tensor:
+    """A request's prompt token ids (list or tensor) as a long tensor on the host."""
+    return (input_ids.cpu() if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids)).long()
 
 
 def encoder_chunks(tokens: list[int], budget: int | None) -> list[tuple[int, int]]:

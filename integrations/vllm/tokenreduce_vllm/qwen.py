@@ -27,8 +27,15 @@ from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from tokenreduce.methods.pre_llm import reduce_video
 
-from .positions import decode_positions, encode_positions, media_positions
-from .processing import POSITION_CHANNELS, RequestSettings, encoder_chunks, engine_settings, video_settings
+from .positions import encode_positions, media_positions
+from .processing import (
+    RequestSettings,
+    encoder_chunks,
+    engine_settings,
+    prompt_ids,
+    split_positions,
+    video_settings,
+)
 from .settings import split_request
 
 
@@ -117,16 +124,10 @@ class _QwenReduce:
         if self.tokenreduce is None:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
-        embeds = [mm[:, :-POSITION_CHANNELS] for mm in multimodal_embeddings]
-        if not multimodal_embeddings:
-            channels = []
-        else:
-            packed = torch.cat([mm[:, -POSITION_CHANNELS:] for mm in multimodal_embeddings]).cpu()
-            channels = list(decode_positions(packed).split([mm.shape[0] for mm in multimodal_embeddings], dim=1))
-        ids = input_ids.cpu() if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.long)
+        embeds, channels = split_positions(multimodal_embeddings)
         positions, delta = recompute_mrope_positions(
-            ids.long(), channels, mrope_positions.cpu(), num_computed_tokens, self.config.vision_start_token_id,
-            self.config.image_token_id, self.config.video_token_id)
+            prompt_ids(input_ids), channels, mrope_positions.cpu(), num_computed_tokens,
+            self.config.vision_start_token_id, self.config.image_token_id, self.config.video_token_id)
         return embeds, positions.to(mrope_positions.device), int(delta)
 
     def get_encoder_cudagraph_config(self):

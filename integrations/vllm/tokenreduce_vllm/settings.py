@@ -22,7 +22,7 @@ METHODS: dict[str, dict[str, Any]] = {"evs": {"retention": 0.3}, "framefusion": 
 # pruning), "auto" ("one" on CPUs, where per-video tower time grows with the batch, "budget" elsewhere)
 ENCODER_BATCH = ("auto", "budget", "one")
 CONFIG_KEY = "tokenreduce"
-REQUEST_KEYS: dict[str, str] = {"tokenreduce_method": "method", "tokenreduce_retention": "retention"}
+REQUEST_KEYS: tuple[str, ...] = ("tokenreduce_method", "tokenreduce_retention")
 REQUEST_PREFIX = "tokenreduce_"
 HF_CONFIG_ATTR = "tokenreduce_vllm"  # where the checked settings travel with the model's config
 

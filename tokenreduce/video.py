@@ -103,6 +103,10 @@ def video_backend(backend: str | None = None) -> str:
     return backend
 
 
+class _DecoderError(ValueError):
+    """The decoder could not open or decode the file (as opposed to a clip that holds no frame)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Clip:
     """Frames sampled from a video and the seconds they span (the clip's bounds, else the whole video)."""
@@ -144,6 +148,9 @@ def read_clip(
     ``size x size`` (bilinear, aspect ratio not kept, the same for both backends). Display-rotation metadata
     is ignored. Only regular files are opened (a FIFO or device would block). ``Clip.seconds`` is
     ``end - start`` for a clip, else the video's duration from its frames' presentation times.
+
+    With ``backend=None``, a file decord fails on is read with PyAV (decord2 3.4 refuses frames 16 or 48
+    pixels wide that PyAV decodes); a file neither can decode is a ValueError naming it.
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -160,10 +167,23 @@ def read_clip(
     if start is not None and end is not None and start >= end:
         raise ValueError(f"start ({start} s) must be before end ({end} s)")
 
-    video = _DecordVideo(path) if video_backend(backend) == "decord" else _PyAVVideo(path)
+    if video_backend(backend) == "pyav":
+        return _sample(_PyAVVideo(path), num_frames, size, start, end)
+    try:
+        return _sample(_DecordVideo(path), num_frames, size, start, end)
+    except _DecoderError:
+        if backend is not None:
+            raise
+        return _sample(_PyAVVideo(path), num_frames, size, start, end)
+
+
+def _sample(video: _PyAVVideo | _DecordVideo, num_frames: int | None, size: int | None, start: float | None,
+            end: float | None) -> Clip:
+    """The sampling rule of :func:`read_clip`, the same for every decoder."""
+    path = video.path
     times = video.times()
     if not len(times):
-        raise ValueError(f"{path} contains no decodable video frames")
+        raise _DecoderError(f"{path} contains no decodable video frames")
     if start is None and end is None:
         candidates = np.arange(len(times))
         step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else video.frame_seconds()
@@ -195,10 +215,10 @@ class _PyAVVideo:
         try:
             container = av.open(str(self.path))
         except av.error.FFmpegError as err:
-            raise ValueError(f"cannot decode {self.path} as a video: {err}") from err
+            raise _DecoderError(f"cannot decode {self.path} as a video: {err}") from err
         if not container.streams.video:
             container.close()
-            raise ValueError(f"{self.path} has no video stream")
+            raise _DecoderError(f"{self.path} has no video stream")
         return container
 
     def times(self) -> np.ndarray:
@@ -209,7 +229,7 @@ class _PyAVVideo:
             try:
                 packets = [p.pts for p in container.demux(stream) if p.size > 0]
             except av.error.FFmpegError as err:
-                raise ValueError(f"cannot decode {self.path} as a video: {err}") from err
+                raise _DecoderError(f"cannot decode {self.path} as a video: {err}") from err
             if packets and all(pts is not None for pts in packets):
                 return np.sort(np.array(packets, dtype=np.float64) * float(stream.time_base))
             return np.arange(len(packets)) * self.frame_seconds()  # no timestamps: the stream's frame rate
@@ -236,9 +256,9 @@ class _PyAVVideo:
                         if len(kept) == len(wanted):
                             break
         except av.error.FFmpegError as err:
-            raise ValueError(f"cannot decode {self.path} as a video: {err}") from err
+            raise _DecoderError(f"cannot decode {self.path} as a video: {err}") from err
         if frame is None:
-            raise ValueError(f"{self.path} contains no decodable video frames")
+            raise _DecoderError(f"{self.path} contains no decodable video frames")
         # The demuxed packets can overstate what decodes (e.g. a damaged file): indices past the real end
         # take the last decoded frame.
         last = kept[i] if i in kept else frame.to_ndarray(format="rgb24")
@@ -255,7 +275,7 @@ class _DecordVideo:
         try:
             self.reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
         except (RuntimeError, decord.DECORDError) as err:
-            raise ValueError(f"cannot decode {path} as a video: {err}") from err
+            raise _DecoderError(f"cannot decode {path} as a video: {err}") from err
 
     def times(self) -> np.ndarray:
         if not len(self.reader):
@@ -273,7 +293,7 @@ class _DecordVideo:
         try:
             batch = self.reader.get_batch(unique).asnumpy()
         except (RuntimeError, decord.DECORDError) as err:
-            raise ValueError(f"cannot decode {self.path} as a video: {err}") from err
+            raise _DecoderError(f"cannot decode {self.path} as a video: {err}") from err
         row = {j: n for n, j in enumerate(unique)}
         return batch[[row[j] for j in indices]]
 

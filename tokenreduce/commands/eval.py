@@ -176,8 +176,8 @@ def _load(args: argparse.Namespace, device, dtype):
         raise UsageError(f"--model {path} is not a folder; give a local Hugging Face model folder")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
     from ..eval.fingerprint import model_identity
 
+    processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=str(device)).eval()
     return model, processor, str(path), model_identity(path)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ..ops import topk_mask
 from ..ops.frames import frame_slots
-from .base import Method, Selection, Step, check_fraction, check_layer
+from .base import Method, Selection, Step
+from .options import Flag, Fraction, Integer, Layer, option
 
 
 def aim_rounds(retention: float, rounds: int | None = None) -> int:
@@ -89,23 +90,16 @@ class AIM(Method):
     description: ClassVar[str] = "bipartite merging in each frame before the LLM, then progressive pruning (AIM)"
     stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
 
-    retention: float = 0.25
-    rounds: int | None = None
-    prune: bool = True
-    prune_start: int | None = None
-    prune_end: int | None = None
-    last_queries: int = 8
+    retention: float = option(0.25, Fraction())
+    rounds: int | None = option(None, Integer(1, none=True))
+    prune: bool = option(True, Flag())
+    prune_start: int | None = option(None, Layer(none=True, room=1))
+    prune_end: int | None = option(None, Layer(none=True, room=1))
+    last_queries: int = option(8, Integer(1))
 
     def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        if self.rounds is not None:
-            check_layer("rounds", self.rounds, minimum=1)
-        for name in ("prune_start", "prune_end"):
-            if getattr(self, name) is not None:
-                check_layer(name, getattr(self, name))
         if None not in (self.prune_start, self.prune_end) and self.prune_end < self.prune_start:
             raise ValueError(f"aim: prune_end={self.prune_end} is before prune_start={self.prune_start}")
-        check_layer("last_queries", self.last_queries, minimum=1)
 
     @property
     def n_queries(self) -> int:
@@ -119,6 +113,7 @@ class AIM(Method):
         return start, max(start, end)
 
     def check_model(self, num_layers: int) -> None:
+        super().check_model(num_layers)
         start, end = self.schedule(num_layers)
         if self.prune and end + 1 >= num_layers:
             raise ValueError(f"aim: the pruning schedule {start}..{end} needs layers after it, but the model has "

@@ -12,6 +12,7 @@ from ..layout import VIDEO
 from ..ops import adjacent_cosine, same_cell_predecessor
 from ..ops.rank import group_count, group_rank
 from .base import Method, Selection, Step, check_fraction
+from .options import Fraction, option
 
 
 def evs_count(frames: int, cells: int, retention: float) -> int:
@@ -59,10 +60,7 @@ class EVS(Method):
     description: ClassVar[str] = "drop video tokens similar to the previous frame before the LLM (vLLM EVS baseline)"
     stages: ClassVar[tuple[str, ...]] = ("embed",)
 
-    retention: float = 0.3
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention)
+    retention: float = option(0.3, Fraction())
 
     def act_layers(self, num_layers: int) -> set[int]:
         return {0}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import Method, check_fraction, check_layer
+from .base import Method
+from .options import Fraction, Integer, option
 
 
 @dataclass
@@ -31,18 +32,14 @@ class TomeVision(Method):
     description: ClassVar[str] = "token merging inside CLIP/SigLIP vision towers (ToMe; LLaVA-OneVision/-NeXT-Video)"
     stages: ClassVar[tuple[str, ...]] = ("vision",)
 
-    retention: float | None = None
-    r: int | None = None
+    retention: float | None = option(None, Fraction(none=True))
+    r: int | None = option(None, Integer(0, none=True))
 
     def validate(self) -> None:
         if self.retention is not None and self.r is not None:
             raise ValueError("tome-vision: give either retention or r, not both")
-        if self.r is None:
-            if self.retention is None:
-                self.retention = 0.5
-            check_fraction("retention", self.retention)
-        else:
-            check_layer("r", self.r, minimum=0)
+        if self.r is None and self.retention is None:
+            self.retention = 0.5
 
     def act_layers(self, num_layers: int) -> set[int]:
         return set()

@@ -83,7 +83,12 @@ class AIM(Method):
     LLM (official: unweighted mean); a merged token keeps its earliest member's original position
     (official: Qwen2-VL's grid is shrunk and positions rebuilt); pruning really removes tokens
     (official: attention masking, no compute saved) and ranks them by the last rows' attention
-    from SDPA-compatible q.K (official: a PageRank-like score over eager attention).
+    from SDPA-compatible q.K (official: a PageRank-like score over eager attention). Merging rounds: a
+    round here may merge every A token (``ceil(n / 2)`` of an odd ``n``; official: at most ``floor(n / 2)``),
+    with ``rounds`` it merges ``n // 2`` of the current count (official: ``N // 2`` then ``N // 4`` of the
+    original), so odd frames keep fewer tokens (7 tokens at retention 0.25: 2 here, 3 there); and tokens keep
+    their spatial order between rounds (official: ``[unmerged A, B]``, so its later rounds pair different
+    tokens). See docs/methods.md.
     """
 
     name: ClassVar[str] = "aim"

@@ -52,8 +52,10 @@ class EVS(Method):
     alone, as vLLM's EVS fixes its placeholder count before seeing the data. Kept tokens keep their
     original positions (vLLM recomputes M-RoPE positions for the same effect). Images pass through.
 
-    Same rule as vLLM's implementation; here the dropped tokens are really removed from the LLM's
-    sequence and batches of any size are supported.
+    Same rule and count as vLLM's implementation; here the dropped tokens are really removed from the
+    LLM's sequence and batches of any size are supported. Deviation: the scores are float32 (see
+    :func:`evs_scores`) where vLLM scores in the embeddings' dtype, bf16 on GPU; on bf16 embeddings bf16
+    rounding ties and reorders scores there, so the kept sets differ (identical on float32 embeddings).
     """
 
     name: ClassVar[str] = "evs"

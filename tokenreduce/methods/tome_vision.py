@@ -24,8 +24,10 @@ class TomeVision(Method):
     spread as a constant ``r = ceil(patches * (1 - retention) / layers)`` per layer (ToMe's schedule);
     or ``r`` directly (``r=0`` is the dense tower). Implemented from the paper, not from its code.
     Deviation: the matching takes keys averaged over heads from the layer's own attention (as the
-    paper), and merged tokens stay in their original order (ToMe's code reorders them; the order does
-    not matter to attention). Refused on Qwen-VL (its merge units feed M-RoPE): use ``static`` there.
+    paper), and merged tokens stay in their original order where ToMe's code returns ``[unmerged A, B]``
+    after each layer. Attention does not depend on the order but the next layer's alternating A/B split
+    does, so from the second layer on the two pair different tokens (same counts). Refused on Qwen-VL (its
+    merge units feed M-RoPE): use ``static`` there.
     """
 
     name: ClassVar[str] = "tome-vision"

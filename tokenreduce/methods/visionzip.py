@@ -72,8 +72,9 @@ class VisionZip(Method):
 
     Deviations from the paper, which reduces inside the tower's output: the selection acts on the LLM's
     visual embeddings before LLM layer 0 (so the tower, the projector and their cost are unchanged, and
-    positions stay the original ones); a contextual token is the size-weighted mean of its members'
-    projected embeddings (not the projection of the mean of tower features); for towers whose LLM token
+    positions stay the original ones); a contextual token is the size-weighted mean of its target's and
+    members' projected embeddings (official: the sum ``target + mean(members)`` of tower features, before
+    the projector, about twice a token's norm); for towers whose LLM token
     pools several patches (Qwen-VL's 2x2 merge, LLaVA video pooling) scores and keys are pooled the same way.
     Budget per frame: ``ceil(retention * tokens_per_frame)``, of which ``round(dominant_fraction * budget)``
     dominant (the paper's 54 + 10 of 64 at the default share). An image is one frame: for LLaVA's

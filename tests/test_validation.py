@@ -8,6 +8,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import video_inputs
@@ -15,9 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokenreduce
 from tokenreduce.methods import REGISTRY, make_method
+from tokenreduce.methods.aim import aim_frame_count, aim_groups
 from tokenreduce.methods.base import budget
 from tokenreduce.methods.options import Flag, Layer, Layers, Number, Text, checks
-from tokenreduce.testing import tiny_model
+from tokenreduce.testing import make_inputs, tiny_model
 
 LLM = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=1024)
@@ -141,6 +143,43 @@ def test_official_rounding_gives_the_official_count(name, official):
         kept[rounding] = tokenreduce.stats(model).visual_tokens_kept[0]
     assert kept["official"] == official(n, retention) == n // 3
     assert kept["ceil"] == math.ceil(n * retention) == n // 3 + 1
+
+
+def _official_aim(n: int, rounds: int = 2) -> int:
+    """AIM's official merging count: round k merges ``N // 2**k``, at most half the tokens left (rounded down)."""
+    left = n
+    for k in range(1, rounds + 1):
+        left -= min(n // 2 ** k, left // 2)
+    return left
+
+
+@pytest.mark.parametrize("cells", [7, 9, 11, 13, 16, 576])
+def test_aim_official_rounding_gives_the_official_count(cells):
+    gen = torch.Generator().manual_seed(cells)
+    feats = torch.randn(3, cells, 8, generator=gen)
+    present = torch.ones(3, cells, dtype=torch.bool)
+    size = torch.ones(3, cells)
+    for official, expected in ((True, _official_aim(cells)), (False, aim_frame_count(cells, 0.25, 2))):
+        rep = aim_groups(feats, present, size, 0.25, rounds=2, official=official)
+        assert [len(set(r.tolist())) for r in rep] == [expected] * 3
+        assert aim_frame_count(cells, 0.25, 2, official=official) == expected
+    if cells in (7, 11):  # odd frames: the default merges one token more (documented in docs/methods.md)
+        assert aim_frame_count(cells, 0.25, 2) == _official_aim(cells) - 1
+
+
+def test_aim_official_rounding_in_the_model():
+    """A 6 x 10 patch image is 15 tokens: two official rounds keep 15 - 7 - 3 = 5, ours 15 - 7 - 4 = 4."""
+    model = tiny_model("qwen2_vl")
+    image = np.random.default_rng(0).integers(0, 256, (84, 140, 3), dtype=np.uint8)
+    inputs = make_inputs(model, images=[image])
+    assert int(inputs["image_grid_thw"][0].prod()) // 4 == 15
+    kept = {}
+    for rounding in ("ceil", "official"):
+        tokenreduce.patch(model, "aim", rounds=2, prune=False, rounding=rounding)
+        with torch.no_grad():
+            model(**inputs)
+        kept[rounding] = tokenreduce.stats(model).visual_tokens_kept[0]
+    assert kept == {"official": _official_aim(15), "ceil": aim_frame_count(15, 0.25, 2)} == {"official": 5, "ceil": 4}
 
 
 # profiles -----------------------------------------------------------------------------------------

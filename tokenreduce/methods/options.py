@@ -2,7 +2,7 @@
 checker validates every method's options the same way (visual methods and KV methods alike).
 
     retention: float = option(0.5, Number(0, 1, low_open=True))
-    layer: int = option(2, Layer(minimum=1, room=1))
+    layer: int = option(2, Layer(minimum=1))
 
 :func:`check_options` runs when a method is built (``Method.__post_init__``): finite numbers only (NaN
 passes ``x < 0`` checks, so ranges are tested as ``low <= x <= high``), real booleans (``"no"`` is not

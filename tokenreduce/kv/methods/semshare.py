@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...methods.base import check_fraction, check_layer
+from ...methods.options import Flag, Fraction, Layer, Number, Text, option
 from ..model import inv_freq, rotate
 from ..store import KVStore
 from .base import KVMethod
@@ -87,31 +87,20 @@ class SemShare(KVMethod):
     text_only: ClassVar[bool] = True
 
     store: KVStore | None = None
-    namespace: str = "default"
-    retention: float = 0.3
-    decay: float = 0.7
-    max_distance: float = 0.1
-    min_match: float = 0.5
-    position_scale: float = 16.0
-    check_layer: int = 1
-    save: bool = True
+    namespace: str = option("default", Text())
+    retention: float = option(0.3, Fraction())
+    decay: float = option(0.7, Fraction())
+    max_distance: float = option(0.1, Number(0, 0.5))  # a fraction of the signature bits
+    min_match: float = option(0.5, Fraction())
+    position_scale: float = option(16.0, Number(0, low_open=True))
+    check_layer: int = option(1, Layer(room=1))  # later layers must exist to reuse KV in
+    save: bool = option(True, Flag())
 
     def validate(self) -> None:
         if self.store is None:
             self.store = KVStore()
         if not isinstance(self.store, KVStore):
             raise ValueError(f"store must be a tokenreduce.KVStore, got {type(self.store).__name__}")
-        if not isinstance(self.namespace, str) or not self.namespace:
-            raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}")
-        check_fraction("retention", self.retention)
-        check_fraction("decay", self.decay)
-        check_fraction("min_match", self.min_match)
-        if not isinstance(self.max_distance, (int, float)) or not 0 <= self.max_distance <= 0.5:
-            raise ValueError(f"max_distance (a fraction of the signature bits) must be in [0, 0.5], "
-                             f"got {self.max_distance!r}")
-        check_layer("check_layer", self.check_layer)
-        if not isinstance(self.position_scale, (int, float)) or self.position_scale <= 0:
-            raise ValueError(f"position_scale must be positive, got {self.position_scale!r}")
 
     def check_llm(self, parts, is_vlm: bool) -> None:
         super().check_llm(parts, is_vlm)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...methods.base import check_fraction, check_layer
+from ...methods.options import Fraction, Integer, option
 from ..scores import window_scores
 from ..select import budgets, top_entries
 from .base import KVMethod
@@ -27,14 +27,11 @@ class SnapKV(KVMethod):
     name: ClassVar[str] = "snapkv"
     description: ClassVar[str] = "baseline: keep each KV head's prompt entries most attended by the last queries"
 
-    retention: float = 0.3
-    window: int = 32
-    kernel: int = 5
+    retention: float = option(0.3, Fraction())
+    window: int = option(32, Integer(1))
+    kernel: int = option(5, Integer(1))
 
     def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        check_layer("window", self.window, 1)
-        check_layer("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (a centred pooling window), got {self.kernel}")
 

@@ -71,7 +71,7 @@ def test_threads_on_one_patched_model_give_what_each_gives_alone(family, name, o
 
 
 def test_threads_generate_on_one_patched_model():
-    model = tiny_model("llava_onevision")  # 1-D RoPE: its dense generate keeps no per-call state on the model
+    model = tiny_model("llava_onevision")
     tokenreduce.patch(model, "framefusion", retention=0.3)
     prompts = _prompts(model)
     with torch.no_grad():

@@ -70,6 +70,18 @@ def test_threads_on_one_patched_model_give_what_each_gives_alone(family, name, o
     assert _run_threads(work, len(prompts)) == []
 
 
+def test_frozen_rows_follow_each_prefill_in_turn():
+    """ShortV's active rows are cached per prefill state: a new prefill (whose state may take a freed
+    one's memory) never reuses the previous prompt's rows."""
+    model = tokenreduce.patch(tiny_model("qwen3_vl"), "shortv", layers=(1, 2))
+    prompts = _prompts(model, 2)
+    with torch.no_grad():
+        first = [model(**p).logits[:, -1] for p in prompts]
+        for _ in range(3):
+            for inputs, expected in zip(prompts, first, strict=True):
+                torch.testing.assert_close(model(**inputs).logits[:, -1], expected, atol=1e-5, rtol=0)
+
+
 def test_threads_generate_on_one_patched_model():
     model = tiny_model("llava_onevision")
     tokenreduce.patch(model, "framefusion", retention=0.3)

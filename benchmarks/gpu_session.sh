@@ -47,9 +47,9 @@ fi
 # end-to-end reduction overhead with the CUDA kernels on (compare with the framefusion 0.3 row above)
 if has kernels; then
   if [ "${QUICK:-0}" = 1 ]; then
-    $PY benchmarks/kernels.py --quick --device cpu --repeats 2 --out "$OUT/kernels" 2>&1 | tail -22
+    $PY benchmarks/bench_kernels.py --quick --device cpu --repeats 2 --out "$OUT/kernels" 2>&1 | tail -22
   else
-    timeout 180 $PY benchmarks/kernels.py --device cuda --out "$OUT/kernels" 2>&1 | tail -22
+    timeout 180 $PY benchmarks/bench_kernels.py --device cuda --out "$OUT/kernels" 2>&1 | tail -22
     TOKENREDUCE_KERNELS=cuda timeout 150 $PY benchmarks/speed.py --arch qwen2.5-vl-7b --size 448 --frames 64 \
       --methods framefusion --retentions 0.3 --repeats 3 --out "$OUT/qwen2.5-vl-7b-kernels" 2>&1 \
       | grep -v "it/s" | tail -6

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import video_inputs
 
+import tokenreduce
 from tokenreduce.cli import main
+from tokenreduce.testing import tiny_model
 from tokenreduce.video import read_video
 
 
@@ -43,3 +46,36 @@ def test_demo_usage_errors_exit_2_without_traceback(tmp_path, capsys, argv, mess
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_kv_methods_before_running(tmp_path, capsys):
+    assert main(["demo", "--method", "snapkv", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "compresses the KV cache" in err and "framefusion" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before writing or loading anything
+
+
+def test_demo_method_without_retention_gets_no_default_retention(tmp_path, capsys):
+    model = tiny_model("qwen2_vl")  # the demo's default tiny model
+    profile = tmp_path / "shortv.json"
+    tokenreduce.save_profile(tokenreduce.calibrate(model, "shortv", [video_inputs(model)], progress=False), profile)
+    assert main(["demo", "--method", "shortv", "--option", f"profile={profile}", "--repeat", "1", "--frames", "4",
+                 "--size", "112", "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert report["method"] == "shortv" and "retention" not in report["options"]
+    assert main(["demo", "--method", "shortv", "--retention", "0.5", "--out", str(tmp_path)]) == 2
+    assert "retention" in capsys.readouterr().err  # given explicitly, it is still refused by name
+
+
+def test_demo_bad_model_folder_and_unwritable_out_are_one_line_errors(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("")
+    assert main(["demo", "--model", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {folder}: cannot load" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'out'}: cannot write there" in err and len(err.splitlines()) == 1

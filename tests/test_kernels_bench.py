@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py on small shapes: every kernel is measured against its reference, agrees with
+"""benchmarks/bench_kernels.py on small shapes: every kernel is measured against its reference, agrees with
 it, and the JSON and markdown tables are written."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TOKENREDUCE_KERNELS", "").strip(
 
 
 def load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up

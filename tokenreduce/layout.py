@@ -40,8 +40,9 @@ class TokenLayout:
     (-1 for text). ``frame`` is the frame (temporal patch) inside the item, -1 for tokens that
     belong to no frame (text, a video's trailing newline token). ``cell`` is the spatial index
     inside the frame (``row * grid_w + col``), -1 where there is none. ``grids`` lists, per
-    sample, the :class:`ItemSpec` of each item; ``padded`` says whether any position is padding
-    (known on the host, so the engine never has to ask the device).
+    sample, the :class:`ItemSpec` of each item; ``padded`` says whether any position is padding and
+    ``right_padded`` whether some sample has padding after one of its tokens (right padding, or a hole)
+    (both known on the host, so the engine never has to ask the device).
     """
 
     kind: torch.Tensor
@@ -50,6 +51,7 @@ class TokenLayout:
     cell: torch.Tensor
     grids: list[list[ItemSpec]] = field(default_factory=list)
     padded: bool = False
+    right_padded: bool = False
 
     @property
     def visual(self) -> torch.Tensor:
@@ -69,8 +71,10 @@ class TokenLayout:
         kind = torch.where(valid, TEXT, PAD).to(torch.int8)
         minus = torch.full(kind.shape, -1, dtype=torch.long, device=kind.device)
         return cls(kind=kind, item=minus, frame=minus.clone(), cell=minus.clone(),
-                   grids=[[] for _ in range(kind.shape[0])], padded=not bool(valid.all()))
+                   grids=[[] for _ in range(kind.shape[0])], padded=not bool(valid.all()),
+                   right_padded=bool((valid[:, :-1] & ~valid[:, 1:]).any()))
 
     def to(self, device: torch.device) -> TokenLayout:
         return TokenLayout(kind=self.kind.to(device), item=self.item.to(device), frame=self.frame.to(device),
-                           cell=self.cell.to(device), grids=self.grids, padded=self.padded)
+                           cell=self.cell.to(device), grids=self.grids, padded=self.padded,
+                           right_padded=self.right_padded)

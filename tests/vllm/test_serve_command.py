@@ -63,6 +63,26 @@ def test_without_vllm(monkeypatch, capsys):
     assert "vLLM is not installed in this Python" in capsys.readouterr().err
 
 
+@pytest.fixture
+def without_vllm(monkeypatch):
+    """vLLM absent; the plugin's settings module (pure Python) present."""
+    monkeypatch.syspath_prepend(str(PLUGIN))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else object() if name == "tokenreduce_vllm"
+                        else real(name, *a))
+
+
+def test_dry_run_without_vllm_checks_the_arguments_first(without_vllm, capsys):
+    assert main(["serve", "M", "--method", "fastv", "--dry-run"]) == 2
+    assert "inside the LLM's layers" in capsys.readouterr().err
+    cmd = _dry_run(capsys, "M", "--method", "evs", "--retention", "0.25")  # a good command is still printed
+    assert json.loads(cmd[cmd.index("--additional-config") + 1]) == {"tokenreduce": {"method": "evs",
+                                                                                  "retention": 0.25}}
+    assert main(["serve", "M", "--method", "evs", "--dry-run"]) == 0
+    assert "vLLM is not installed in this Python" in capsys.readouterr().err  # said, not refused
+
+
 def test_distribution_ships_the_plugin():
     """``pip install tokenreduce[vllm]`` is all a server needs: the tokenreduce distribution carries the
     plugin module and registers it with vLLM's ``vllm.general_plugins`` entry point."""

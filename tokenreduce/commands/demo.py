@@ -4,6 +4,7 @@ and draws what was kept."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 DEFAULT_RETENTION = 0.3
+_NOT_GIVEN = object()  # --retention absent (argparse.SUPPRESS leaves no attribute)
 DEMO_FPS = 8
 
 
@@ -61,10 +63,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     method = cmd.add_argument_group("method")
     method.add_argument("--method", default="framefusion",
-                        help=f"{' or '.join(REGISTRY)}; see 'tokenreduce methods' (default: %(default)s)")
-    method.add_argument("--retention", type=retention, default=DEFAULT_RETENTION, metavar="R",
+                        help=f"{' or '.join(_visual_methods())}; see 'tokenreduce methods' (default: %(default)s)")
+    method.add_argument("--retention", type=retention, default=argparse.SUPPRESS, metavar="R",
                         help="fraction of visual tokens to keep; 'none' leaves the method's own budget "
-                             "(e.g. --retention none --option cost=0.3) (default: %(default)s)")
+                             "(e.g. --retention none --option cost=0.3) (default: "
+                             f"{DEFAULT_RETENTION} for methods that have a retention option)")
     method.add_argument("--option", type=option, action="append", default=[], metavar="KEY=VALUE",
                         help="another method option, repeatable; VALUE is read as int, float, "
                              "true/false, none or else a string")
@@ -98,15 +101,45 @@ class Generation:
     text: str | None = None
 
 
+def _visual_methods() -> list[str]:
+    """The methods the demo can show: those acting on visual tokens (KV-cache methods keep no patches)."""
+    return [name for name, cls in REGISTRY.items() if cls.engine == "hf"]
+
+
+def _method(args: argparse.Namespace):
+    """The method object from --method, --retention (the default only where the method has one) and
+    --option; KV-cache methods are refused, since the demo draws which visual patches were kept."""
+    cls = REGISTRY.get(args.method.lower())
+    if cls is not None and cls.engine != "hf":
+        raise UsageError(f"the demo shows which visual tokens a method keeps; {args.method} compresses the KV "
+                         f"cache instead (see benchmarks/kv.py and 'tokenreduce eval'). Visual methods: "
+                         f"{', '.join(_visual_methods())}")
+    given = getattr(args, "retention", _NOT_GIVEN)
+    if given is _NOT_GIVEN:
+        has_retention = cls is not None and "retention" in {f.name for f in dataclasses.fields(cls)}
+        given = DEFAULT_RETENTION if has_retention else None
+    options = {} if given is None else {"retention": given}
+    options.update(args.option)
+    return user_call(make_method, args.method, **options)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path):
+    """Turn a failure to write into --out into a usage error naming the folder."""
+    try:
+        yield
+    except OSError as err:
+        raise UsageError(f"--out {folder}: cannot write there ({err.strerror or err})") from err
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Dense and reduced generation side by side on a freshly written and decoded video."""
-    options = {} if args.retention is None else {"retention": args.retention}
-    options.update(args.option)
-    method = user_call(make_method, args.method, **options)
+    method = _method(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
 
-    video_path = user_call(write_demo_video, args.out / "demo.mp4", num_frames=args.frames, size=args.size,
-                            fps=DEMO_FPS, motion=args.motion, image=args.image)
+    with _writing(args.out):
+        video_path = user_call(write_demo_video, args.out / "demo.mp4", num_frames=args.frames, size=args.size,
+                                fps=DEMO_FPS, motion=args.motion, image=args.image)
     frames = read_video(video_path, args.num_frames)
     if args.model:
         model, inputs, decode = _load_pretrained(args, frames, device, dtype)
@@ -124,10 +157,11 @@ def run_demo(args: argparse.Namespace) -> int:
     length = inputs["input_ids"].shape[1]
     layers = {"dense": [length] * len(stats.layer_tokens), "reduced": stats.layer_tokens}
     title = f"{method.name} on {model_name}, {args.motion} video"
-    kept_png = save_kept_patches(frames, stats.kept_grid(0, 0, layer=-1), args.out / "kept_patches.png",
-                                 title=title)
-    layers_png = save_layer_tokens({"dense": layers["dense"], method.name: layers["reduced"]},
-                                   args.out / "layer_tokens.png", title=title)
+    with _writing(args.out):
+        kept_png = save_kept_patches(frames, stats.kept_grid(0, 0, layer=-1), args.out / "kept_patches.png",
+                                     title=title)
+        layers_png = save_layer_tokens({"dense": layers["dense"], method.name: layers["reduced"]},
+                                       args.out / "layer_tokens.png", title=title)
     report = {
         "model": model_name,
         "model_type": model.config.model_type,
@@ -149,7 +183,8 @@ def run_demo(args: argparse.Namespace) -> int:
                       "dense_text": dense.text, "reduced_text": reduced.text,
                       "match": dense.ids == reduced.ids},
     }
-    (args.out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    with _writing(args.out):
+        (args.out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print(_format_report(report, dense, reduced, [video_path, kept_png, layers_png, args.out / "demo.json"]))
     return 0
 
@@ -171,8 +206,12 @@ def _load_pretrained(
         raise UsageError(f"--model {path} is not a folder; give a local Hugging Face model folder")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=str(device)).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=str(device)).eval()
+    except (OSError, ValueError, KeyError, TypeError) as err:  # what transformers raises for a bad folder
+        raise UsageError(f"--model {path}: cannot load a vision-language model and its processor from this "
+                         f"folder: {err}") from err
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The frames are already sampled; tell the processor where they came from (Qwen uses the timing).

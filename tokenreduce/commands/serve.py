@@ -62,7 +62,7 @@ def command(args: argparse.Namespace) -> list[str]:
     if args.encoder_batch is not None:
         settings["encoder_batch"] = args.encoder_batch
     settings.update(dict(args.option))
-    _check_installed()
+    _check_plugin()
     from tokenreduce_vllm.settings import parse
 
     try:
@@ -74,10 +74,16 @@ def command(args: argparse.Namespace) -> list[str]:
             *passthrough]
 
 
-def _check_installed() -> None:
+def _vllm_missing() -> str | None:
+    """Why vLLM cannot run here, or None when it is installed."""
     if importlib.util.find_spec("vllm") is None:
-        raise UsageError(f"vLLM is not installed in this Python ({sys.executable}); install it with "
-                         f"\"pip install 'tokenreduce[vllm]'\" (CPU-only machines: integrations/vllm/setup_env.sh)")
+        return (f"vLLM is not installed in this Python ({sys.executable}); install it with "
+                f"\"pip install 'tokenreduce[vllm]'\" (CPU-only machines: integrations/vllm/setup_env.sh)")
+    return None
+
+
+def _check_plugin() -> None:
+    """The plugin checks the settings (pure Python, no vLLM needed) and applies them in vLLM."""
     if importlib.util.find_spec("tokenreduce_vllm") is None:
         raise UsageError("the tokenreduce vLLM plugin (module tokenreduce_vllm) is missing from this install "
                          "(without it vLLM would ignore the settings); reinstall with "
@@ -103,11 +109,17 @@ def _merge_additional_config(passthrough: list[str], settings: dict) -> dict:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Exec vLLM's server in this interpreter (or print the command with --dry-run)."""
+    """Exec vLLM's server in this interpreter (or print the command with --dry-run). The arguments are
+    checked first, so a dry run reports bad settings (and prints a good command) without vLLM too."""
     cmd = command(args)
+    missing = _vllm_missing()
     if args.dry_run:
         print(shlex.join(cmd))
+        if missing:
+            print(f"tokenreduce serve: note: {missing}", file=sys.stderr)
         return 0
+    if missing:
+        raise UsageError(missing)
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
     return 0  # not reached

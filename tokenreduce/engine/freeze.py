@@ -20,6 +20,7 @@ from torch import nn
 
 from ..layout import IMAGE
 from ..ops import compaction_index, take_rows
+from ..threads import PerThread
 from .masks import select_mask
 
 if TYPE_CHECKING:
@@ -48,14 +49,15 @@ def _expand(out: torch.Tensor, active: Active, dim: int) -> torch.Tensor:
 class FrozenLayers:
     """Installs the freeze on ``layers`` of an engine's model; ``remove()`` undoes it."""
 
+    active = PerThread()  # Active rows of the frozen layer this thread is running, else None
+    _cache = PerThread()  # (forward state, rows version, active) of this thread
+
     def __init__(self, engine: HFEngine, layers: set[int]) -> None:
         bad = sorted(i for i in layers if not 0 <= i < engine.num_layers)
         if bad:
             raise ValueError(f"cannot freeze layers {bad}: the model has {engine.num_layers} LLM layers")
         self.engine, self.layers = engine, set(layers)
         self.handles: list[Any] = []
-        self.active: Active | None = None
-        self._cache: tuple[int, int, Active | None] | None = None  # (forward id, rows version, active)
         for i in sorted(layers):
             layer = engine.layers[i]
             self.handles.append(layer.register_forward_pre_hook(partial(self._enter, i)))
@@ -79,14 +81,14 @@ class FrozenLayers:
         self.active = None
 
     def _active(self, st) -> Active | None:
-        key = (id(st), st.version)
-        if self._cache is not None and self._cache[:2] == key:
+        # the state itself, not its id: a later prefill's state may reuse a freed one's id
+        if self._cache is not None and self._cache[0] is st and self._cache[1] == st.version:
             return self._cache[2]
         visual = st.current("kind") >= IMAGE
         keep = st.valid & ~visual
         index, valid, _, _ = compaction_index(keep)
         active = None if index.shape[1] == keep.shape[1] else Active(index, valid, keep.shape[1])
-        self._cache = (*key, active)
+        self._cache = (st, st.version, active)
         return active
 
     def _shrink(self, module: nn.Module, args: tuple):

@@ -9,6 +9,10 @@ Hooks (all scoped to one model instance and removed by ``unpatch``):
 - an attention function (transformers' AttentionInterface) observing post-RoPE q/k for the
   layers whose importance a method needs;
 - reduced layers' cache entries live in ReducedDynamicLayer, which reports the original length.
+
+Threads: what the hooks remember during one call is per thread (``tokenreduce.threads``), so several
+threads may run forwards and ``generate`` on one patched model at once; ``remove`` refuses while
+any call runs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..methods.base import Method, Step
 from ..models import ModelAdapter
 from ..ops import compaction_index, last_query_importance, take_rows
 from ..ops.merge import merge_compact
+from ..threads import CallCount, PerThread
 from .attention import ENGINE_ATTR, wrapped_attention
 from .cache import ReducedDynamicLayer, check_reducible
 from .freeze import FrozenLayers
@@ -130,8 +135,27 @@ def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> No
                          "logits; compute losses on the unpatched model (tokenreduce.unpatch)")
 
 
+RIGHT_PADDING = (
+    "tokenreduce: this batch is right-padded (attention_mask has padding after a sample's tokens). Reduced "
+    "layers keep each sample's last row as its last prompt token, so right padding would give outputs that "
+    "differ from the samples run alone (the unpatched model's generate is wrong there too). Pad on the left: "
+    "tokenizer.padding_side = 'left' (processor.tokenizer.padding_side = 'left' for a processor)")
+
+
 class HFEngine:
-    """One method installed on one model; ``remove()`` undoes everything."""
+    """One method installed on one model; ``remove()`` undoes everything.
+
+    The per-call attributes are :class:`~tokenreduce.threads.PerThread`: each thread running
+    the model has its own prefill state, ``generate`` call and statistics.
+    """
+
+    state = PerThread()  # ForwardState of this thread's prefill (None while decoding)
+    record = PerThread()  # Record of this thread's last prefill
+    timer = PerThread()
+    generation = PerThread()  # visual inputs this thread's generate() encoded, its expand size
+    recording = PerThread(bool)
+    in_forward = PerThread(bool)
+    stage_notes = PerThread(dict)  # per stage, what it did in this thread's last forward (Stats.stages)
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, methods: list[Method]) -> None:
         self.model, self.adapter, self.methods = model, adapter, methods
@@ -149,24 +173,20 @@ class HFEngine:
                 self.score.setdefault(layer, set()).add(method.n_queries)
         self.text_config = self.layers[0].self_attn.config
         self.original_attention = self.text_config._attn_implementation
-        self.state: ForwardState | None = None
-        self.record: Record | None = None
-        self.timer: Timer | None = None
+        self.calls = CallCount()
+        self.latest: Record | None = None  # the last prefill's record in any thread
         self.handles: list[Any] = []
         self.frozen: FrozenLayers | None = None
         self.undo: list[Any] = []  # what methods' setup() installed, undone last-in first-out
-        self.generation: dict[str, Any] | None = None  # visual inputs generate() encoded, its expand size
-        self.recording = False
-        self.in_forward = False
         self.wrapped: list[tuple[nn.Module, str, Any]] = []  # (object, attribute, its previous instance value)
-        self.stage_notes: dict[str, dict[str, Any]] = {}  # per stage, what it did in the last forward (Stats.stages)
 
     # installation ---------------------------------------------------------------------------
     def install(self) -> None:
         base = self.adapter.base_model(self.model)
         self.handles.append(self.model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
-        self.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
-        self.handles.append(base.register_forward_hook(lambda *_: setattr(self, "in_forward", False)))
+        # first among the base model's pre-hooks; the forward hook runs even when the forward raises
+        self.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True, prepend=True))
+        self.handles.append(base.register_forward_hook(self._after_base, always_call=True))
         for name in ("get_image_features", "get_video_features"):
             self._record_calls(base, name)
         self._wrap(self.model, "generate", self._generate)
@@ -183,7 +203,16 @@ class HFEngine:
             if undo is not None:
                 self.undo.append(undo)
 
+    def check_idle(self) -> None:
+        """RuntimeError if a forward or generate call runs on the model (see ``tokenreduce.threads``)."""
+        self.calls.check_idle()
+
     def remove(self) -> None:
+        """Undo the installation; RuntimeError, and nothing undone, while a call runs on the model."""
+        with self.calls.closing():
+            self._remove()
+
+    def _remove(self) -> None:
         while self.undo:
             self.undo.pop()()
         for h in self.handles:
@@ -215,20 +244,25 @@ class HFEngine:
         return undo
 
     def stats(self):
-        """What the last prefill did (see :class:`~tokenreduce.engine.stats.Stats`)."""
-        if self.record is None:
+        """What this thread's last prefill did (see :class:`~tokenreduce.engine.stats.Stats`); in a
+        thread that ran none, the last prefill of any thread."""
+        record = self.record or self.latest
+        if record is None:
             raise RuntimeError("no forward pass has run since tokenreduce.patch")
-        return self.record.stats()
+        return record.stats()
 
     def _generate(self, original, *args: Any, **kwargs: Any):
         """``generate`` (transformers >= 5.2x) encodes images and videos once, before any forward, and
         then drops their grids and pixels from the forwards' arguments: keep what it encoded, and by
         how much it expanded the batch (beams, num_return_sequences), for the whole call."""
-        outer, self.generation = self.generation, {"visual": {}, "expand": 1}
-        try:
-            return original(*args, **kwargs)
-        finally:
-            self.generation = outer
+        with self.calls.call() as live:
+            if not live:  # the patch was removed while this call started: it runs unpatched
+                return original(*args, **kwargs)
+            outer, self.generation = self.generation, {"visual": {}, "expand": 1}
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.generation = outer
 
     def _expand(self, original, *args: Any, **kwargs: Any):
         if self.generation is not None:
@@ -285,8 +319,12 @@ class HFEngine:
 
     # hooks -----------------------------------------------------------------------------------
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        cache = _cache_of(kwargs)
+        live = self.calls.enter()  # first: _after_base, which always runs, leaves
         self.in_forward = True
+        cache = _cache_of(kwargs)
+        if not live:  # unpatched while this forward started (its hooks were taken already)
+            self.state = None
+            return
         if cache is not None and cache.get_seq_length() > 0:
             self.state = None
             if self.record is not None:
@@ -299,16 +337,22 @@ class HFEngine:
         inputs = {**recorded, **given}
         if args and "input_ids" not in kwargs:
             inputs["input_ids"] = args[0]
+        self.state = None
         layout = self.adapter.build_layout(self.model, inputs, repeat)
         if layout is None:
-            self.state = None
             return
+        if layout.right_padded and any(layout.grids):
+            raise ValueError(RIGHT_PADDING)
         self.state = ForwardState(layout)
         if cache is not None and self.state.reducing:
             for layer in getattr(cache, "layers", ()):
                 check_reducible(layer)
         self.timer = Timer(layout.kind.device)
-        self.record = Record(self.name, layout, self.num_layers, self.timer, self.stage_notes)
+        self.record = self.latest = Record(self.name, layout, self.num_layers, self.timer, self.stage_notes)
+
+    def _after_base(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.in_forward = False
+        self.calls.leave()
 
     def _on_layer(self, idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         hidden = args[0] if args else kwargs["hidden_states"]

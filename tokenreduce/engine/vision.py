@@ -16,15 +16,18 @@ import torch
 from torch import nn
 
 from ..layout import VIDEO
+from ..threads import PerThread
 
 
 class VisionHandOff:
-    """Per engine and vision-stage method: what the last encoder call decided, until a prefill takes it."""
+    """Per engine and vision-stage method: what the last encoder call decided, until a prefill takes it
+    (per thread, as the engine's own call state)."""
+
+    pending = PerThread()  # (generate call it belongs to, memo entries)
+    calls = PerThread(lambda: (None, []))  # (prefill or generate call, encoder reports)
 
     def __init__(self, engine: Any, method: Any) -> None:
         self.engine, self.method = engine, method
-        self.pending: tuple[Any, dict[str, Any]] | None = None  # (generate call it belongs to, memo entries)
-        self.calls: tuple[Any, list[dict[str, Any]]] = (None, [])  # (prefill or generate call, encoder reports)
         base = engine.adapter.base_model(engine.model)
         engine.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True))
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layout import IMAGE, VIDEO
+from ..threads import PerThread
 
 ELEMENTS_PER_CHUNK = 1 << 24  # softmax entries materialised at once by mean_received_attention
 
@@ -88,6 +89,10 @@ class TowerProbe:
     """
 
     reference = ""  # "cls" or "mean": what the scores are
+    records = PerThread(dict)  # per kind, this thread's last encoding (see take)
+    kind = PerThread()  # the kind this thread is encoding right now
+    pending = PerThread(list)  # the attention pre-hook's observations of this thread's encoder call
+    call = PerThread(dict)  # that call's inputs
 
     def __init__(self, model: nn.Module, base: nn.Module, layer: int | None) -> None:
         self.model, self.base = model, base
@@ -99,10 +104,6 @@ class TowerProbe:
                              f"choose -{len(blocks)} <= layer < {len(blocks)}")
         self.layer = index % len(blocks)
         self.attention = self.attention_of(blocks[self.layer])
-        self.records: dict[int, list[TowerRecord]] = {}
-        self.kind: int | None = None  # the kind being encoded right now
-        self.pending: list[Any] = []
-        self.call: dict[str, Any] = {}
 
     # family knowledge -------------------------------------------------------------------------
     def blocks(self) -> nn.ModuleList:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..engine.vision import VisionHandOff
+from ..threads import PerThread
 from .qwen_partial import run_partial
 from .static_units import UnitPlan, plan_units, unit_changes
 
@@ -17,6 +18,8 @@ QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGene
 
 class StaticTower:
     """Hooks of one ``static`` method on one Qwen-VL model (installed by ``Static.setup``)."""
+
+    videos = PerThread(bool)  # inside get_video_features in this thread: the tower call encodes videos
 
     def __init__(self, engine: Any, method: Any) -> None:
         name = type(engine.model).__name__
@@ -29,7 +32,6 @@ class StaticTower:
         self.handoff.check_first()
         base = engine.adapter.base_model(engine.model)
         self.visual = base.visual
-        self.videos = False  # inside get_video_features: the tower call encodes videos
         engine._wrap(base, "get_video_features", self._video_features)
         engine._wrap(self.visual, "forward", self._tower)
 

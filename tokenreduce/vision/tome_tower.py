@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..engine.vision import VisionHandOff
+from ..threads import PerThread
 from .tome import TowerPass, tome_layer, unmerge
 
 LLAVA_CLASSES = ("LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
@@ -17,6 +18,8 @@ LLAVA_CLASSES = ("LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForCon
 
 class TomeTower:
     """Hooks of one ``tome-vision`` method on one LLaVA model (installed by ``TomeVision.setup``)."""
+
+    ctx = PerThread()  # TowerPass of the tower call running in this thread, else None
 
     def __init__(self, engine: Any, method: Any) -> None:
         name = type(engine.model).__name__
@@ -31,7 +34,6 @@ class TomeTower:
         self.cls = hasattr(vision.embeddings, "class_embedding")  # CLIP: token 0 is CLS, never merged
         cfg = self.tower.config
         self.patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.ctx: TowerPass | None = None
         engine._wrap(self.tower, "forward", self._tower)
         for layer in self.layers:
             engine._wrap(layer, "forward", partial(self._layer, layer))

@@ -1,8 +1,8 @@
 """Kernel benchmark: every compiled op (csrc/, torch.ops.tokenreduce) against its torch reference.
 
-    python benchmarks/kernels.py --device cuda --out results/kernels   # 64 frames x 169 tokens x 3584, batch 1 and 8
-    python benchmarks/kernels.py --device cpu --out results/kernels-cpu
-    python benchmarks/kernels.py --quick                               # small shapes: a smoke test
+    python benchmarks/bench_kernels.py --device cuda --out results/kernels  # 64 frames x 169 x 3584, batch 1 and 8
+    python benchmarks/bench_kernels.py --device cpu --out results/kernels-cpu
+    python benchmarks/bench_kernels.py --quick                         # small shapes: a smoke test
 
 Shapes are those of one reduction step of a 7B video LLM at 64 frames (Qwen2-VL-7B / LLaVA-Video-7B:
 hidden 3584, 28 query heads and 4 key heads of 128, 169 tokens a frame, a 100-token prompt), with

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .concurrency import model_lock
 from .methods import REGISTRY, Method, make_method
 from .profiles import load_profile, save_profile
 
@@ -61,7 +62,8 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
     act at different stages (e.g. ``["aim", "shortv"]``); with a list, each keyword option goes to
     every method given by name that has it. Patching a patched model replaces the previous patch.
     Raises TypeError for unsupported models or unknown options and ValueError for values out of
-    range or methods that conflict.
+    range or methods that conflict. Concurrent ``patch`` / ``unpatch`` calls on one model run one at a
+    time; a KV method's patch refuses (RuntimeError) while another thread runs a forward of the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
@@ -69,17 +71,18 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
     kinds: dict[str, list[Method]] = {}
     for m in chosen:
         kinds.setdefault(m.engine, []).append(m)
-    if is_patched(model):
-        unpatch(model)
-    engines: dict[str, Any] = {}
-    try:
-        for kind, group in kinds.items():
-            engines[kind] = _make_engine(kind, model, group)
-            engines[kind].install()
-    except BaseException:
-        Installed(engines).remove()
-        raise
-    setattr(model, _ATTR, Installed(engines))
+    with model_lock(model):
+        if is_patched(model):
+            unpatch(model)
+        engines: dict[str, Any] = {}
+        try:
+            for kind, group in kinds.items():
+                engines[kind] = _make_engine(kind, model, group)
+                engines[kind].install()
+        except BaseException:
+            Installed(engines).remove()
+            raise
+        setattr(model, _ATTR, Installed(engines))
     return model
 
 
@@ -106,8 +109,9 @@ def _installed(model: nn.Module) -> Installed:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove tokenreduce from ``model``: every hook, the attention wrapper, the engines."""
-    _installed(model).remove()
-    delattr(model, _ATTR)
+    with model_lock(model):
+        _installed(model).remove()
+        delattr(model, _ATTR)
     return model
 
 

@@ -4,6 +4,9 @@ Installed by ``tokenreduce.patch``: a forward pre-hook on the model adopts the c
 layers as :class:`KVLayer` (creating the ``DynamicCache`` when the caller passed none) and lets the
 method plan the forward; the registered ``tokenreduce_kv_<backend>`` attention function hands every
 attention call to the method. ``remove`` restores the attention implementation and drops every hook.
+
+Threads may share one patched model: per-forward state is thread-local, and ``remove`` (so ``patch`` and
+``unpatch``) refuses while another thread is inside a forward rather than pulling hooks from under it.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from ..concurrency import Running, model_lock
 from .attention import ATTR, kv_attention
 from .cache import KVLayer
+from .fingerprint import fingerprint
 from .methods.base import KVMethod
 from .model import text_parts
 from .stats import KVStats
@@ -61,17 +67,32 @@ class KVEngine:
         self.positional = [p for p in inspect.signature(model.forward).parameters if p not in ("args", "kwargs")]
         self.local = threading.local()  # the forward in flight, per thread (a server may share one model)
         self.record = KVStats(self.method.name)
+        self.running = Running()  # threads inside a forward of the model
+        self.installed = False
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What decides this model's keys and values (:mod:`tokenreduce.kv.fingerprint`), taken once."""
+        return fingerprint(self.parts)
 
     # installation ---------------------------------------------------------------------------
     def install(self) -> None:
         self.handles.append(self.model.register_forward_pre_hook(self._before, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(self._after, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
         for i in self.full:
             setattr(self.parts.layers[i].self_attn, ATTR, self)
         self.parts.config._attn_implementation = self.attention_name
         self.method.install(self)
+        self.installed = True
 
     def remove(self) -> None:
+        busy = self.running.others()
+        if busy:
+            raise RuntimeError(f"{busy} other thread(s) are running a forward of this model; patch and unpatch change "
+                               "the model for every caller, so call them between requests. To give each request its "
+                               "own SemShare namespace, wrap its call in `with tokenreduce.namespace(user_id):`")
+        self.installed = False
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -95,6 +116,11 @@ class KVEngine:
 
     # forward ------------------------------------------------------------------------------
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        with model_lock(self.model):  # not while patch / unpatch is at work
+            if not self.installed:
+                raise RuntimeError("tokenreduce.patch or unpatch changed this model while this forward was starting; "
+                                   "patch and unpatch between requests, never while another thread runs the model")
+            self.running.enter()
         kwargs = dict(kwargs)
         if args:  # positional arguments become keywords, so methods see one spelling
             kwargs.update(zip(self.positional, args, strict=False))
@@ -119,6 +145,10 @@ class KVEngine:
         with self.timer():
             self.method.begin(self, self.fwd)
         return args, self.fwd.kwargs
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Runs after every forward, also one that raised (``always_call``)."""
+        self.running.leave()
 
     def _adopt(self, cache: Any) -> None:
         layers = getattr(cache, "layers", None)

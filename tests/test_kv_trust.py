@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 from test_kv import SIZES, generate, prompt, tiny_llm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import tokenreduce
 from tokenreduce.kv import KVStore
@@ -144,9 +144,9 @@ def test_patch_and_unpatch_refused_while_another_thread_runs_a_forward(method):
     worker.start()
     try:
         assert started.wait(30)
-        with pytest.raises(RuntimeError, match="other thread"):
+        with pytest.raises(RuntimeError, match=r"while 1 forward/generate call\(s\) run on it"):
             tokenreduce.patch(model, "streamingllm")
-        with pytest.raises(RuntimeError, match="other thread"):
+        with pytest.raises(RuntimeError, match=r"while 1 forward/generate call\(s\) run on it"):
             tokenreduce.unpatch(model)
     finally:
         release.set()
@@ -155,6 +155,48 @@ def test_patch_and_unpatch_refused_while_another_thread_runs_a_forward(method):
     torch.testing.assert_close(out["logits"], dense, atol=1e-5, rtol=0)  # the running request was not disturbed
     tokenreduce.patch(model, "streamingllm", retention=1.0)  # between requests: fine
     torch.testing.assert_close(generate(model, ids)[1], dense, atol=1e-5, rtol=0)
+
+
+class Pause(LogitsProcessor):
+    """Holds ``generate`` between two of its forwards (after the prefill's logits)."""
+
+    def __init__(self, started: threading.Event, release: threading.Event) -> None:
+        self.started, self.release = started, release
+
+    def __call__(self, input_ids, scores):
+        self.started.set()
+        assert self.release.wait(30)
+        return scores
+
+
+def test_patch_refused_between_the_forwards_of_a_running_generate():
+    """No forward is in flight while generate samples a token, but the request is not over: re-patching there
+    would decode its cache under another method."""
+    model = tiny_llm()
+    ids = prompt(40)
+    _, dense = generate(model, ids)
+    tokenreduce.patch(model, "snapkv", retention=1.0)
+    started, release = threading.Event(), threading.Event()
+    out = {}
+
+    def request() -> None:
+        with torch.no_grad():
+            out["result"] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                                           logits_processor=LogitsProcessorList([Pause(started, release)]),
+                                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(RuntimeError, match="call"):
+            tokenreduce.unpatch(model)
+    finally:
+        release.set()
+        worker.join()
+    torch.testing.assert_close(torch.stack(out["result"].logits, 1), dense, atol=1e-5, rtol=0)
+    tokenreduce.unpatch(model)
+    assert "generate" not in vars(model)  # the wrapper is gone with the patch
 
 
 def test_forward_that_raised_does_not_block_patching():

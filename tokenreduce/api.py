@@ -8,16 +8,17 @@ engine gets the methods of its kind, in the order given.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
-from .concurrency import model_lock
 from .methods import REGISTRY, Method, make_method
 from .profiles import load_profile, save_profile
 
 _ATTR = "_tokenreduce_engine"  # the same name the engine puts on attention modules (engine.attention)
+_PATCHING = threading.RLock()  # patch/unpatch of any model, one at a time (installation is not atomic)
 
 
 class Installed:
@@ -27,6 +28,11 @@ class Installed:
         self.engines = engines
 
     def remove(self) -> None:
+        """Remove every engine; an engine that refuses while calls run refuses before any is removed."""
+        for engine in self.engines.values():
+            check = getattr(engine, "check_idle", None)
+            if check is not None:
+                check()
         for engine in reversed(list(self.engines.values())):
             engine.remove()
 
@@ -60,10 +66,11 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
     ``method`` is a registered name (see :func:`methods`) with its options as keyword arguments, a
     method object such as ``FrameFusion(retention=0.3)``, or a list of them to compose methods that
     act at different stages (e.g. ``["aim", "shortv"]``); with a list, each keyword option goes to
-    every method given by name that has it. Patching a patched model replaces the previous patch.
+    every method given by name that has it. Patching a patched model replaces the previous patch
+    (RuntimeError while a call runs on it). A patched model may run forwards and ``generate`` in
+    several threads at once: each call keeps its own state (see :mod:`tokenreduce.threads`).
     Raises TypeError for unsupported models or unknown options and ValueError for values out of
-    range or methods that conflict. Concurrent ``patch`` / ``unpatch`` calls on one model run one at a
-    time; a KV method's patch refuses (RuntimeError) while another thread runs a forward of the model.
+    range or methods that conflict.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
@@ -71,7 +78,7 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
     kinds: dict[str, list[Method]] = {}
     for m in chosen:
         kinds.setdefault(m.engine, []).append(m)
-    with model_lock(model):
+    with _PATCHING:
         if is_patched(model):
             unpatch(model)
         engines: dict[str, Any] = {}
@@ -108,8 +115,9 @@ def _installed(model: nn.Module) -> Installed:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove tokenreduce from ``model``: every hook, the attention wrapper, the engines."""
-    with model_lock(model):
+    """Remove tokenreduce from ``model``: every hook, the attention wrapper, the engines. RuntimeError
+    while a forward or ``generate`` call runs on the model (in any thread)."""
+    with _PATCHING:
         _installed(model).remove()
         delattr(model, _ATTR)
     return model

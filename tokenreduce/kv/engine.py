@@ -6,7 +6,8 @@ method plan the forward; the registered ``tokenreduce_kv_<backend>`` attention f
 attention call to the method. ``remove`` restores the attention implementation and drops every hook.
 
 Threads may share one patched model: per-forward state is thread-local, and ``remove`` (so ``patch`` and
-``unpatch``) refuses while another thread is inside a forward rather than pulling hooks from under it.
+``unpatch``) refuses while a forward or ``generate`` call runs on the model in any thread, rather than pulling
+hooks from under it (:class:`tokenreduce.threads.CallCount`, shared with the visual engine).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, wraps
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..concurrency import Running, model_lock
+from ..threads import CallCount
 from .attention import ATTR, kv_attention
 from .cache import KVLayer
 from .fingerprint import fingerprint
@@ -67,8 +68,8 @@ class KVEngine:
         self.positional = [p for p in inspect.signature(model.forward).parameters if p not in ("args", "kwargs")]
         self.local = threading.local()  # the forward in flight, per thread (a server may share one model)
         self.record = KVStats(self.method.name)
-        self.running = Running()  # threads inside a forward of the model
-        self.installed = False
+        self.calls = CallCount()  # forwards and generate calls running on the model, all threads
+        self.wrapped_generate = False
 
     @cached_property
     def fingerprint(self) -> str:
@@ -80,19 +81,40 @@ class KVEngine:
         self.handles.append(self.model.register_forward_pre_hook(self._before, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(self._after, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
+        self._wrap_generate()
         for i in self.full:
             setattr(self.parts.layers[i].self_attn, ATTR, self)
         self.parts.config._attn_implementation = self.attention_name
         self.method.install(self)
-        self.installed = True
+
+    def _wrap_generate(self) -> None:
+        """Count a whole ``generate`` as one call, so that nobody re-patches between its forwards."""
+        original = getattr(self.model, "generate", None)
+        if original is None or "generate" in vars(self.model):
+            return
+
+        @wraps(original)
+        def generate(*args: Any, **kwargs: Any):
+            with self.calls.call():
+                return original(*args, **kwargs)
+
+        self.model.generate = generate
+        self.wrapped_generate = True
+
+    def check_idle(self) -> None:
+        """RuntimeError if a forward or generate call runs on the model (in any thread)."""
+        self.calls.check_idle()
 
     def remove(self) -> None:
-        busy = self.running.others()
-        if busy:
-            raise RuntimeError(f"{busy} other thread(s) are running a forward of this model; patch and unpatch change "
-                               "the model for every caller, so call them between requests. To give each request its "
-                               "own SemShare namespace, wrap its call in `with tokenreduce.namespace(user_id):`")
-        self.installed = False
+        """Undo the installation; RuntimeError, and nothing undone, while a call runs on the model (a call
+        that starts meanwhile waits, then runs unpatched)."""
+        with self.calls.closing():
+            self._remove()
+
+    def _remove(self) -> None:
+        if self.wrapped_generate:
+            del self.model.generate
+            self.wrapped_generate = False
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -116,11 +138,9 @@ class KVEngine:
 
     # forward ------------------------------------------------------------------------------
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        with model_lock(self.model):  # not while patch / unpatch is at work
-            if not self.installed:
-                raise RuntimeError("tokenreduce.patch or unpatch changed this model while this forward was starting; "
-                                   "patch and unpatch between requests, never while another thread runs the model")
-            self.running.enter()
+        if not self.calls.enter():  # the patch was removed while this forward started: it runs unpatched
+            self.fwd = None
+            return None
         kwargs = dict(kwargs)
         if args:  # positional arguments become keywords, so methods see one spelling
             kwargs.update(zip(self.positional, args, strict=False))
@@ -148,7 +168,7 @@ class KVEngine:
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Runs after every forward, also one that raised (``always_call``)."""
-        self.running.leave()
+        self.calls.leave()
 
     def _adopt(self, cache: Any) -> None:
         layers = getattr(cache, "layers", None)

@@ -342,3 +342,28 @@ def test_kvstore_unavailable_device_fails_at_construction():
     with pytest.raises(ValueError, match="not usable on this machine"):
         KVStore(device="cuda")
     assert KVStore(device="cpu").device == "cpu"
+
+
+def test_stats_are_per_request_thread():
+    """A request's thread reads its own prefill's statistics even when another request ran in between."""
+    model = tiny_llm()
+    tokenreduce.patch(model, "snapkv", retention=0.5)
+    first_done, second_done, seen = threading.Event(), threading.Event(), {}
+
+    def request(name: str, length: int, before: threading.Event | None, after: threading.Event) -> None:
+        if before is not None:
+            assert before.wait(30)
+        generate(model, prompt(length), n=2)
+        after.set()
+        if name == "first":
+            assert second_done.wait(30)  # the other request's prefill ran after this one's
+        seen[name] = tokenreduce.stats(model).logical_length
+
+    threads = [threading.Thread(target=request, args=("first", 40, None, first_done)),
+               threading.Thread(target=request, args=("second", 70, first_done, second_done))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"first": 41, "second": 71}  # the prompt and one decoded token (the last is not cached yet)
+    assert tokenreduce.stats(model).logical_length == 71  # a thread that ran none: the latest request's

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..threads import CallCount
+from ..threads import CallCount, PerThread
 from .attention import ATTR, kv_attention
 from .cache import KVLayer
 from .fingerprint import fingerprint
@@ -50,7 +50,10 @@ class Forward:
 
 
 class KVEngine:
-    """One KV method installed on one model."""
+    """One KV method installed on one model. ``record`` (what :meth:`stats` returns) is per thread, so a
+    request's thread reads its own prefill's statistics; ``latest`` is the last prefill of any thread."""
+
+    record = PerThread()
 
     def __init__(self, model: nn.Module, methods: list[KVMethod]) -> None:
         if len(methods) != 1:
@@ -67,7 +70,7 @@ class KVEngine:
         self.handles: list[Any] = []
         self.positional = [p for p in inspect.signature(model.forward).parameters if p not in ("args", "kwargs")]
         self.local = threading.local()  # the forward in flight, per thread (a server may share one model)
-        self.record = KVStats(self.method.name)
+        self.latest: KVStats | None = None
         self.calls = CallCount()  # forwards and generate calls running on the model, all threads
         self.wrapped_generate = False
 
@@ -188,10 +191,13 @@ class KVEngine:
         with self.timer():
             self.method.finish(self, fwd, output)
         if fwd.prefill:
-            self.record = KVStats(self.method.name)
-            self.method.note(self, fwd, self.record)
-            self.record.prefill_ms = fwd.seconds * 1e3
+            record = KVStats(self.method.name)
+            self.method.note(self, fwd, record)
+            record.prefill_ms = fwd.seconds * 1e3
+            self.record = self.latest = record
         else:
+            if self.record is None:  # decoding a cache this thread did not prefill
+                self.record = KVStats(self.method.name)
             self.record.decode_ms += fwd.seconds * 1e3
             self.record.decode_steps += 1
         self._measure(fwd.cache)
@@ -232,4 +238,5 @@ class KVEngine:
                 fwd.seconds += time.perf_counter() - start
 
     def stats(self) -> KVStats:
-        return self.record
+        """This thread's last prefill; in a thread that ran none, the last of any thread (empty before any)."""
+        return self.record or self.latest or KVStats(self.method.name)

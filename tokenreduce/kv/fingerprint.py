@@ -38,6 +38,9 @@ def config_text(config) -> str:
 
 
 def _sample(p: torch.Tensor) -> torch.Tensor:
+    if p.device.type == "meta":
+        raise ValueError("cannot fingerprint a model whose weights are offloaded (on the meta device); give semshare "
+                         "model_id='...' to name the model instead")
     flat = p.detach().reshape(-1)
     n = flat.numel()
     if n <= SAMPLES:

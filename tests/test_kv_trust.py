@@ -296,7 +296,8 @@ def test_fine_tune_with_the_base_embeddings_does_not_reuse_the_base_kv():
 
 def test_changed_rope_theta_does_not_reuse():
     base = tiny_llm()
-    other = LlamaForCausalLM(LlamaConfig(**SIZES, attn_implementation="sdpa", rope_theta=500000.0)).eval()
+    other = LlamaForCausalLM(LlamaConfig(**SIZES, attn_implementation="sdpa",
+                                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0})).eval()
     other.load_state_dict(base.state_dict())
     ids = prompt(80)
     _, dense = generate(other, ids)

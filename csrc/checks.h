@@ -84,6 +84,8 @@ inline void check_importance_args(const at::Tensor& query, const at::Tensor& key
   TORCH_CHECK(key.size(0) == query.size(0) && key.size(3) == query.size(3), op,
               ": query [B, Hq, Lq, d] and key [B, Hkv, Lk, d] must agree on B and d, got ", query.sizes(), " and ",
               key.sizes());
+  TORCH_CHECK(key.size(2) == query.size(2), op, ": query and key must cover the same rows (Lq == Lk: q_index and the "
+              "causal mask index both), got Lq = ", query.size(2), " and Lk = ", key.size(2));
   TORCH_CHECK(key.size(1) > 0 && query.size(1) % key.size(1) == 0, op, ": query heads (", query.size(1),
               ") must be a multiple of key heads (", key.size(1), ")");
   check_dim(q_index, 2, op, "q_index", "[B, n] int64");

@@ -85,7 +85,7 @@ def test_resume_skips_done_and_reruns_cut_lines(checkpoint, data, tmp_path):
     with results.open("a") as f:  # an interrupted write: half a line
         f.write('{"key": "mvbench:needle_digit/0", "config": "dense", "pr')
     report = _eval(checkpoint, "mvbench", data["mvbench"], tmp_path, *args)
-    assert report["counts"] == {"run": 2, "skipped": 2, "failed_samples": 0, "failed_runs": 0}
+    assert report["counts"] == {"run": 2, "skipped": 2, "outdated": 0, "failed_samples": 0, "failed_runs": 0}
     assert report["configs"][1]["gen_match"] is not None
     again = _eval(checkpoint, "mvbench", data["mvbench"], tmp_path, *args)
     assert again["counts"]["run"] == 0 and again["counts"]["skipped"] == 4

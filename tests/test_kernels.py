@@ -212,3 +212,26 @@ def test_kv_compact_noncontiguous_empty_and_bad_shapes():
         ops().kv_compact([torch.randn(3, 2, 5, 8)], index)
     with pytest.raises(RuntimeError, match="out of range"):
         ops().kv_compact(layers, index + 3)
+
+
+def test_fold_runs_refuses_links_that_do_not_point_backwards():
+    """A cycle (rows 1 and 2 pointing at each other) or a forward link has no run head: the kernel used to
+    return the identity for it, unlike its reference; both now refuse it, naming the row."""
+    merge = torch.ones(1, 3, dtype=torch.bool)
+    for pred in (torch.tensor([[-1, 2, 1]]), torch.tensor([[1, -1, -1]]), torch.tensor([[-1, 1, 0]]),
+                 torch.tensor([[-2, 0, 1]])):
+        with pytest.raises(RuntimeError, match=r"must be -1 \(no predecessor\) or an earlier row"):
+            ops().fold_runs(pred, merge, 4)
+        with pytest.raises(ValueError, match=r"must be -1 \(no predecessor\) or an earlier row"):
+            fold_into_heads_reference(pred, merge, 4)
+    good = torch.tensor([[-1, 0, 1]])
+    assert ops().fold_runs(good, merge, 4).tolist() == fold_into_heads_reference(good, merge, 4).tolist() == [[0, 0, 0]]
+
+
+def test_qk_importance_refuses_different_query_and_key_lengths():
+    query, key = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8)
+    q_index, valid = torch.tensor([[4]]), torch.ones(1, 7, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="Lq = 5 and Lk = 7"):
+        ops().qk_importance(query, key, q_index, valid, 0.3)
+    with pytest.raises(ValueError, match="Lq = 5 and Lk = 7"):
+        last_query_importance_reference(query, key, q_index, valid, 0.3)

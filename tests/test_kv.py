@@ -251,7 +251,7 @@ def test_errors():
         tokenreduce.patch(model, "interlayer", profile={"method": "interlayer", "num_layers": 4,
                                                         "architecture": "X", "groups": [[0, 1]]})
     small = LlamaForCausalLM(LlamaConfig(**{**SIZES, "num_hidden_layers": 2}, attn_implementation="sdpa"))
-    with pytest.raises(ValueError, match="this model has 2 layers"):
+    with pytest.raises(ValueError, match="this model has 2 LLM layers"):
         tokenreduce.patch(small, "interlayer", profile=profile_for(model, prompt(20)))
     with pytest.raises(TypeError, match="decoder LLM"):
         tokenreduce.patch(torch.nn.Linear(2, 2), "snapkv")

@@ -69,5 +69,5 @@ def test_official_pool_selects_as_the_official_code():
 
 
 def test_pool_option_is_checked():
-    with pytest.raises(ValueError, match="pool must be one of"):
+    with pytest.raises(ValueError, match="unknown pool .max.; available: prompt, official"):
         SnapKV(pool="max")

@@ -18,7 +18,7 @@ METHODS = [("framefusion", {"retention": 0.3}), ("fastv", {"retention": 0.5}), (
            ("evs", {"retention": 0.5}), ("pyramiddrop", {"retention": 0.5}), ("sms", {"retention": 0.5}),
            ("visionzip", {"retention": 0.5})]
 IDENTITY = [("framefusion", {}), ("fastv", {}), ("aim", {"prune": False}), ("evs", {}), ("pyramiddrop", {}),
-            ("sms", {"knee": "slope", "slope": 1e-9, "second_round": False}), ("shortv", {"layers": ()}),
+            ("sms", {"knee": "slope", "slope": 1e-9, "second_round": False}), ("shortv", {"frozen_fraction": 0.0}),
             ("visionzip", {})]
 
 
@@ -46,6 +46,10 @@ def test_retention_one_is_identity(family, name, options):
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         if name != "shortv":
             options = {"retention": 1.0, **options}
+        else:  # a profile whose frozen_fraction 0 freezes no layer
+            depth = getattr(model.config, "text_config", model.config).num_hidden_layers
+            options = {"profile": {"method": "shortv", "architecture": type(model).__name__, "num_layers": depth,
+                                   "layer_contribution": [0.0] * depth}, **options}
         tokenreduce.patch(model, name, **options)
         out = model(**inputs).logits
         assert torch.allclose(out, dense, atol=1e-5, rtol=0)

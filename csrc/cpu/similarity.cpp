@@ -77,9 +77,9 @@ at::Tensor fold_runs_cpu(const at::Tensor& pred, const at::Tensor& merge, int64_
   auto mg = merge.contiguous();
   const int64_t* pp = p.const_data_ptr<int64_t>();
   const bool* mp = mg.const_data_ptr<bool>();
-  for (int64_t i = 0; i < bsz * length; ++i) {
-    TORCH_CHECK(pp[i] < length, op, ": pred[", i / length, ", ", i % length, "] = ", pp[i],
-                " is out of range for L = ", length);
+  for (int64_t i = 0; i < bsz * length; ++i) {  // runs point backwards: a cycle would have no head
+    TORCH_CHECK(pp[i] >= -1 && pp[i] < i % length, op, ": pred[", i / length, ", ", i % length, "] = ", pp[i],
+                " must be -1 (no predecessor) or an earlier row in [0, ", i % length, ")");
   }
   auto dest = at::empty_like(p);
   int64_t* dp = dest.data_ptr<int64_t>();

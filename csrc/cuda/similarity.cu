@@ -70,9 +70,10 @@ __global__ void fold_runs_kernel(const int64_t* __restrict__ pred, const bool* _
   if (i >= rows) return;
   const int64_t base = (i / length) * length;
   int64_t r = i % length;
+  // each row checks its own link (the CPU entry point's host check): -1 or an earlier row, so runs end
+  CUDA_KERNEL_ASSERT(pred[i] >= -1 && pred[i] < r);
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t p = pred[base + r];
-    CUDA_KERNEL_ASSERT(p < length);
     const int64_t next = (merge[base + r] && p >= 0) ? p : r;
     if (next == r) break;
     r = next;

@@ -7,6 +7,7 @@ rounding. The engine must select the same tokens with the CUDA kernels on and of
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,3 +134,23 @@ def test_engine_same_tokens_with_cuda_kernels(family, monkeypatch):
     kernels.reset()
     assert kept[0] == kept[1]
 
+
+
+def test_qk_importance_refuses_different_query_and_key_lengths():
+    query, key = torch.randn(1, 2, 5, 8, device="cuda"), torch.randn(1, 2, 7, 8, device="cuda")
+    q_index, valid = torch.tensor([[4]], device="cuda"), torch.ones(1, 7, dtype=torch.bool, device="cuda")
+    with pytest.raises(RuntimeError, match="Lq = 5 and Lk = 7"):
+        ops.qk_importance(query, key, q_index, valid, 0.3)
+
+
+def test_fold_runs_device_assert_refuses_a_cycle():
+    """Index values are checked by device asserts on CUDA (a failed one poisons the CUDA context, so it runs
+    in a child process): rows 1 and 2 pointing at each other used to come back as the identity."""
+    code = ("import torch\nfrom tokenreduce import kernels\nkernels.build('cuda')\n"
+            "pred = torch.tensor([[-1, 2, 1]], device='cuda')\n"
+            "out = torch.ops.tokenreduce.fold_runs(pred, torch.ones_like(pred, dtype=torch.bool), 4)\n"
+            "torch.cuda.synchronize()\nprint(out.tolist())\n")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), (done.stdout, done.stderr[-2000:])

@@ -7,6 +7,7 @@ import argparse
 import platform
 from pathlib import Path
 
+from ..video import BACKENDS
 from .common import UsageError, device_and_dtype, option, positive_int, user_call
 
 FORMATS = ("videomme", "mvbench", "mlvu", "egoschema", "imageqa")  # tokenreduce.eval.datasets.FORMATS
@@ -24,7 +25,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             "logit after the prompt; --max-new-tokens also generates and parses the text. Reports accuracy per "
             "task and overall, the difference to dense, top-1 agreement and KL divergence of the last-token "
             "distribution against dense, visual tokens kept and measured times, as report.json, report.md and "
-            "plots in --out. Results are appended to OUT/results.jsonl: rerunning resumes where it stopped. "
+            "plots in --out. Results are appended to OUT/results.jsonl with the settings they were made with: "
+            "rerunning resumes where it stopped, and runs again what was made with other settings. "
             "A missing or undecodable video or a malformed record is reported by name and counted; the run "
             "goes on."
         ),
@@ -51,9 +53,14 @@ def register(commands: argparse._SubParsersAction) -> None:
                              "OUT/needle_data and evaluate it")
     data.add_argument("--media", type=Path, metavar="DIR",
                       help="folder of the videos/images, if not where the benchmark's layout puts them")
+    data.add_argument("--allow-outside-media", action="store_true",
+                      help="let annotation files name media outside the media folder (absolute paths, '..'); "
+                           "refused by default so that a downloaded annotation file cannot open any file")
     data.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N questions only")
     data.add_argument("--frames", type=positive_int, default=8, metavar="N",
                       help="frames sampled evenly from each video (default: %(default)s)")
+    data.add_argument("--video-backend", choices=BACKENDS,
+                      help="video decoder (default: decord if installed, else pyav; both give the same frames)")
 
     method = cmd.add_argument_group("methods")
     method.add_argument("--methods", default="framefusion", metavar="LIST",
@@ -91,11 +98,17 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..eval.datasets import read_dataset
     from ..eval.prompts import ChatPrompter
     from ..eval.report import markdown, summarize, write_reports
-    from ..eval.runner import RunSettings, evaluate, make_configs, sample_key
+    from ..eval.runner import RunSettings, evaluate, expected_settings, make_configs
+    from ..methods import REGISTRY
+    from ..video import video_backend
 
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     methods = [m for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UsageError(f"--methods {args.methods!r} names no method: give at least one, comma-separated "
+                         f"(available: {', '.join(REGISTRY)})")
+    user_call(video_backend, args.video_backend)
     configs = user_call(make_configs, methods, _floats(args.retentions, "--retentions"), dict(args.option))
     device, dtype = device_and_dtype(args.device, args.dtype)
 
@@ -106,14 +119,15 @@ def run_eval(args: argparse.Namespace) -> int:
                                     frames=max(args.frames, 8))
     else:
         data = args.data
-    samples, problems = user_call(read_dataset, args.format, data, args.media)
+    samples, problems = user_call(read_dataset, args.format, data, args.media,
+                                  allow_outside_media=args.allow_outside_media)
     samples = samples[: args.limit] if args.limit else samples
     for msg in problems:
         print(f"skipped: {msg}")
     if not samples:
         raise UsageError(f"no usable questions in {data} ({len(problems)} records skipped)")
 
-    model, processor, name = _load(args, device, dtype)
+    model, processor, name, identity = _load(args, device, dtype)
     prompter = ChatPrompter(processor)
     for config in configs[1:]:  # a method that does not fit the model fails now, not on every sample
         user_call(config.patch, model)
@@ -121,7 +135,8 @@ def run_eval(args: argparse.Namespace) -> int:
     results = args.out / "results.jsonl"
     if args.fresh and results.exists():
         results.unlink()
-    settings = RunSettings(num_frames=args.frames, max_new_tokens=args.max_new_tokens, device=device, dtype=dtype)
+    settings = RunSettings(num_frames=args.frames, max_new_tokens=args.max_new_tokens, device=device, dtype=dtype,
+                           model=identity, video_backend=args.video_backend)
     counts = evaluate(model, prompter, samples, configs, results, settings, progress=not args.no_progress)
     notes = []
     if args.tiny:
@@ -129,6 +144,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.needle:
         notes.append("synthetic needle task (one frame carries the answer)")
     meta = {"model": name, "format": args.format, "data": str(data), "frames": args.frames,
+            "video_backend": video_backend(args.video_backend),
             "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
             "answer_extraction": "highest next-token logit among the option letters after the prompt"
@@ -136,27 +152,32 @@ def run_eval(args: argparse.Namespace) -> int:
             "note": "; ".join(notes),
             "plot_title": f"{name} on {args.format}" + (" (random weights: plumbing only)" * args.tiny),
             "counts": counts}
-    summary = summarize(results, {sample_key(s) for s in samples}, configs, problems, meta)
+    summary = summarize(results, expected_settings(samples, configs, settings, prompter), configs, problems, meta)
     written = write_reports(summary, args.out)
     print(markdown(summary))
-    print(f"{counts['run']} new results, {counts['skipped']} resumed from {results}, "
+    print(f"{counts['run']} new results, {counts['skipped']} resumed from {results}, {counts['outdated']} made "
+          "with other settings run again, "
           f"{counts['failed_samples']} failed samples, {counts['failed_runs']} failed method runs")
     print("wrote " + ", ".join(str(p) for p in [results, *written]))
     return 0
 
 
 def _load(args: argparse.Namespace, device, dtype):
-    """(model, processor, display name) from --model PATH, or the tiny random model with its built-in processor."""
+    """(model, processor, display name, identity for the results' settings) from --model PATH, or the tiny
+    random model with its built-in processor."""
     if args.tiny:
         from ..eval.tiny import tiny_processor
         from ..testing import tiny_model
 
-        return tiny_model("qwen2_vl", dtype=dtype).to(device), tiny_processor(), "tiny random qwen2_vl"
+        name = "tiny random qwen2_vl"
+        return tiny_model("qwen2_vl", dtype=dtype).to(device), tiny_processor(), name, name
     path = Path(args.model)
     if not path.is_dir():
         raise UsageError(f"--model {path} is not a folder; give a local Hugging Face model folder")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ..eval.fingerprint import model_identity
+
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=str(device)).eval()
-    return model, processor, str(path)
+    return model, processor, str(path), model_identity(path)

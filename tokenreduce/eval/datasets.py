@@ -1,9 +1,13 @@
 """Readers for multiple-choice video and image QA in the benchmarks' published formats.
 
 Each reader returns ``(samples, problems)``: every usable question as a :class:`Sample`, and one
-message per record it could not use (a missing field, an answer that is not among the options),
-naming the file and the record, so a run goes on with the rest and counts what it skipped.
-Media files are not opened here (a missing video is found, and counted, when the run reaches it).
+message per record it could not use (a missing field, an answer that is not among the options, clip
+bounds that are not ``0 <= start < end`` finite seconds), naming the file and the record, so a run goes on
+with the rest and counts what it skipped. Two questions with the same id are refused (results are kept
+per id, so one would silently replace the other). Media files are not opened here (a missing video is
+found, and counted, when the run reaches it), but their paths are checked: a media name from an
+annotation file must lie under the media folder (no absolute path, no ``..`` leaving it) unless
+``allow_outside_media`` is set; symbolic links inside the media folder are followed (the user made them).
 
 Formats (the field names of each benchmark's release):
 
@@ -28,6 +32,8 @@ Formats (the field names of each benchmark's release):
 from __future__ import annotations
 
 import json
+import math
+import os
 import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 LETTERS = string.ascii_uppercase
+
+
+class RecordError(ValueError):
+    """A record that cannot become a Sample; the message names the field."""
 
 # MVBench: task json -> (task name, video folder under video/, frames folder?) as published with the benchmark
 MVBENCH_TASKS: dict[str, tuple[str, str, bool]] = {
@@ -79,24 +89,34 @@ class Sample:
     end: float | None = None
     frames_fps: float | None = None  # set when ``video`` is a folder of frames
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # where the record was read (file and record), for messages
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            bound = getattr(self, name)
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                      or not math.isfinite(bound) or bound < 0):
+                raise RecordError(f"clip {name} must be a finite number of seconds >= 0, got {bound!r}")
+        if self.start is not None and self.end is not None and self.start >= self.end:
+            raise RecordError(f"clip start ({self.start} s) must be before its end ({self.end} s)")
 
     @property
     def answer_letter(self) -> str:
         return LETTERS[self.answer]
 
 
-class RecordError(ValueError):
-    """A record that cannot become a Sample; the message names the field."""
 
 
 Problems = list[str]
 FORMATS = ("videomme", "mvbench", "mlvu", "egoschema", "imageqa")
 
 
-def read_dataset(fmt: str, path: str | Path, media: str | Path | None = None) -> tuple[list[Sample], Problems]:
+def read_dataset(fmt: str, path: str | Path, media: str | Path | None = None, *, allow_outside_media: bool = False
+                 ) -> tuple[list[Sample], Problems]:
     """Samples of ``path`` in format ``fmt`` (see the module docstring) and the records skipped, with why.
-    ValueError if the format is unknown or ``path`` holds nothing of that format."""
-    readers: dict[str, Callable[[Path, Path | None], tuple[list[Sample], Problems]]] = {
+    ValueError if the format is unknown, ``path`` holds nothing of that format, or two questions share an id.
+    ``allow_outside_media`` lets annotation files name media outside the media folder."""
+    readers: dict[str, Callable[[Path, Path | None, bool], tuple[list[Sample], Problems]]] = {
         "videomme": read_videomme, "mvbench": read_mvbench, "mlvu": read_mlvu,
         "egoschema": read_egoschema, "imageqa": read_imageqa}
     if fmt not in readers:
@@ -104,12 +124,35 @@ def read_dataset(fmt: str, path: str | Path, media: str | Path | None = None) ->
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{fmt}: {path} does not exist")
-    return readers[fmt](path, Path(media) if media is not None else None)
+    samples, problems = readers[fmt](path, Path(media) if media is not None else None, allow_outside_media)
+    _refuse_duplicates(fmt, path, samples)
+    return samples, problems
+
+
+def _refuse_duplicates(fmt: str, path: Path, samples: list[Sample]) -> None:
+    """ValueError naming every id used by more than one question, with where each was read."""
+    seen: dict[str, list[str]] = {}
+    for s in samples:
+        seen.setdefault(s.id, []).append(s.source)
+    dup = {sid: where for sid, where in seen.items() if len(where) > 1}
+    if dup:
+        shown = "; ".join(f"{sid!r} ({', '.join(where)})" for sid, where in list(dup.items())[:5])
+        more = f"; and {len(dup) - 5} more" if len(dup) > 5 else ""
+        raise ValueError(f"{fmt}: {len(dup)} question id(s) in {path} are used more than once: {shown}{more}. "
+                         "Results are kept per id, so each question needs its own: fix the annotation file")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
 
+def _regular(path: Path) -> Path:
+    """``path`` if it is a regular file (reading a FIFO or device would block), else ValueError."""
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a folder, FIFO or device); give the annotation file")
+    return path
+
+
 def _load_json(path: Path) -> Any:
+    _regular(path)
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -117,7 +160,11 @@ def _load_json(path: Path) -> Any:
 
 
 def _jsonl(path: Path, problems: Problems) -> Iterable[tuple[int, Any]]:
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        lines = _regular(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a readable text file: {err}") from err
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -183,14 +230,31 @@ def _answer_index(answer: Any, options: list[str]) -> int:
 
 def _collect(where: str, make: Callable[[], Sample], samples: list[Sample], problems: Problems) -> None:
     try:
-        samples.append(make())
+        sample = make()
     except RecordError as err:
         problems.append(f"{where}: {err}")
+        return
+    sample.source = where
+    samples.append(sample)
+
+
+def _media(folder: Path, name: Any, field: str, allow_outside: bool) -> Path:
+    """``folder / name`` for a media name read from an annotation file. Unless ``allow_outside``, the name
+    must stay inside ``folder``: an absolute path or ``..`` leaving it is a RecordError (an annotation file
+    from elsewhere could otherwise make the run open any file on the machine)."""
+    if not isinstance(name, str) or not name.strip():
+        raise RecordError(f"field {field!r} should name a media file, got {name!r}")
+    if not allow_outside:
+        normal = os.path.normpath(name)
+        if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
+            raise RecordError(f"field {field!r} = {name!r} points outside the media folder {folder}; media paths in "
+                              "annotation files must lie under it (pass --allow-outside-media to allow this)")
+    return folder / name
 
 
 # --- Video-MME -------------------------------------------------------------------------------------------
 
-def read_videomme(path: Path, media: Path | None) -> tuple[list[Sample], Problems]:
+def read_videomme(path: Path, media: Path | None, allow_outside: bool = False) -> tuple[list[Sample], Problems]:
     files = sorted(path.glob("**/*.parquet")) + sorted(path.glob("**/*.json*")) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"videomme: no .parquet or .json file under {path}")
@@ -208,7 +272,7 @@ def read_videomme(path: Path, media: Path | None) -> tuple[list[Sample], Problem
                 vid = _field(rec, "videoID")
                 return Sample("videomme", str(_field(rec, "question_id")), str(_field(rec, "task_type")),
                               _field(rec, "question"), options, _answer_index(_field(rec, "answer"), options),
-                              video=_video_file(media, vid),
+                              video=_video_file(media, vid, "videoID", allow_outside),
                               meta={k: rec[k] for k in ("duration", "domain", "sub_category") if k in rec})
             _collect(where, make, samples, problems)
     return samples, problems
@@ -220,18 +284,19 @@ def _parquet(file: Path) -> Iterable[tuple[str, Any]]:
     except ImportError as err:
         raise ValueError(f"reading {file} needs pyarrow (pip install pyarrow), or give the same records as "
                          ".json/.jsonl") from err
-    for i, rec in enumerate(pq.read_table(file).to_pylist()):
+    for i, rec in enumerate(pq.read_table(_regular(file)).to_pylist()):
         yield f"{file} row {i}", rec
 
 
-def _video_file(folder: Path, stem: str) -> Path:
+def _video_file(folder: Path, stem: str, field: str, allow_outside: bool) -> Path:
     """``folder/stem`` with its extension (``.mp4`` unless another file of that stem exists)."""
-    if Path(stem).suffix:
-        return folder / stem
+    path = _media(folder, stem, field, allow_outside)
+    if path.suffix:
+        return path
     for ext in (".mp4", ".mkv", ".webm", ".avi", ".mov"):
-        if (folder / f"{stem}{ext}").exists():
-            return folder / f"{stem}{ext}"
-    return folder / f"{stem}.mp4"
+        if path.with_name(f"{path.name}{ext}").exists():
+            return path.with_name(f"{path.name}{ext}")
+    return path.with_name(f"{path.name}.mp4")
 
 
 # --- MVBench and MLVU ------------------------------------------------------------------------------------
@@ -249,7 +314,7 @@ def _task_files(path: Path, fmt: str) -> tuple[list[Path], Path]:
     return files, root
 
 
-def read_mvbench(path: Path, media: Path | None) -> tuple[list[Sample], Problems]:
+def read_mvbench(path: Path, media: Path | None, allow_outside: bool = False) -> tuple[list[Sample], Problems]:
     files, root = _task_files(path, "mvbench")
     media = media or root / "video"
     samples: list[Sample] = []
@@ -260,10 +325,8 @@ def read_mvbench(path: Path, media: Path | None) -> tuple[list[Sample], Problems
             def make(rec: Any = rec, where: str = where, file: Path = file, task: str = task, folder: str = folder,
                      frames: bool = frames) -> Sample:
                 options = _options(_field(rec, "candidates", list))
-                video = media / folder / _field(rec, "video")
+                video = _media(media / folder, _field(rec, "video"), "video", allow_outside)
                 bounds = [rec.get(k) for k in ("start", "end")]
-                if any(b is not None and not isinstance(b, (int, float)) for b in bounds):
-                    raise RecordError(f"start/end must be seconds, got {bounds}")
                 return Sample("mvbench", f"{file.stem}/{where.rsplit(' ', 1)[-1]}", task, _field(rec, "question"),
                               options, _answer_index(_field(rec, "answer"), options), video=video,
                               start=bounds[0], end=bounds[1], frames_fps=FRAMES_FOLDER_FPS if frames else None)
@@ -271,7 +334,7 @@ def read_mvbench(path: Path, media: Path | None) -> tuple[list[Sample], Problems
     return samples, problems
 
 
-def read_mlvu(path: Path, media: Path | None) -> tuple[list[Sample], Problems]:
+def read_mlvu(path: Path, media: Path | None, allow_outside: bool = False) -> tuple[list[Sample], Problems]:
     files, root = _task_files(path, "mlvu")
     media = media or root / "video"
     samples: list[Sample] = []
@@ -283,7 +346,7 @@ def read_mlvu(path: Path, media: Path | None) -> tuple[list[Sample], Problems]:
                 task = _field(rec, "question_type")
                 return Sample("mlvu", f"{file.stem}/{where.rsplit(' ', 1)[-1]}", task, _field(rec, "question"),
                               options, _answer_index(_field(rec, "answer"), options),
-                              video=media / file.stem / _field(rec, "video"),
+                              video=_media(media / file.stem, _field(rec, "video"), "video", allow_outside),
                               meta={"duration": rec["duration"]} if "duration" in rec else {})
             _collect(where, make, samples, problems)
     return samples, problems
@@ -291,7 +354,7 @@ def read_mlvu(path: Path, media: Path | None) -> tuple[list[Sample], Problems]:
 
 # --- EgoSchema -------------------------------------------------------------------------------------------
 
-def read_egoschema(path: Path, media: Path | None) -> tuple[list[Sample], Problems]:
+def read_egoschema(path: Path, media: Path | None, allow_outside: bool = False) -> tuple[list[Sample], Problems]:
     folder = path if path.is_dir() else path.parent
     questions = path if path.is_file() else folder / "questions.json"
     answers_file = folder / "subset_answers.json"
@@ -307,7 +370,7 @@ def read_egoschema(path: Path, media: Path | None) -> tuple[list[Sample], Proble
     unanswered = 0
     for where, rec in _records(questions, problems):
         uid = rec.get("q_uid") if isinstance(rec, dict) else None
-        if uid is not None and uid not in answers:
+        if isinstance(uid, str) and uid not in answers:
             unanswered += 1  # outside the public subset: no answer to score against
             continue
 
@@ -315,7 +378,7 @@ def read_egoschema(path: Path, media: Path | None) -> tuple[list[Sample], Proble
             uid = _field(rec, "q_uid")
             options = [_field(rec, f"option {i}") for i in range(5)]
             return Sample("egoschema", uid, "egoschema", _field(rec, "question"), options,
-                          _answer_index(answers[uid], options), video=_video_file(media, uid))
+                          _answer_index(answers[uid], options), video=_video_file(media, uid, "q_uid", allow_outside))
         _collect(where, make, samples, problems)
     if unanswered:
         problems.append(f"{questions}: {unanswered} questions have no answer in {answers_file.name} (not scored)")
@@ -324,7 +387,7 @@ def read_egoschema(path: Path, media: Path | None) -> tuple[list[Sample], Proble
 
 # --- image QA JSONL --------------------------------------------------------------------------------------
 
-def read_imageqa(path: Path, media: Path | None) -> tuple[list[Sample], Problems]:
+def read_imageqa(path: Path, media: Path | None, allow_outside: bool = False) -> tuple[list[Sample], Problems]:
     if path.is_dir():
         raise ValueError(f"imageqa: give the .jsonl file, not the folder {path}")
     media = media or path.parent
@@ -336,6 +399,6 @@ def read_imageqa(path: Path, media: Path | None) -> tuple[list[Sample], Problems
             sid = str(rec.get("id", n)) if isinstance(rec, dict) else str(n)
             return Sample("imageqa", sid, str(rec.get("task", "imageqa")), _field(rec, "question"), options,
                           _answer_index(_field(rec, "answer", (str, int)), options),
-                          image=media / _field(rec, "image"))
+                          image=_media(media, _field(rec, "image"), "image", allow_outside))
         _collect(f"{path}:{n}", make, samples, problems)
     return samples, problems

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .datasets import LETTERS, Sample
+from .fingerprint import digest
 
 INSTRUCTION = {
     "video": "Select the best answer to the following multiple-choice question based on the video.",
@@ -68,6 +69,16 @@ class ChatPrompter:
             out = self.processor(text=[prompt], videos=[visual], video_metadata=[metadata], do_sample_frames=False,
                                  return_tensors="pt")
         return dict(out)
+
+    def fingerprint(self) -> str:
+        """A digest of everything that shapes the prompt and the scoring: the instructions, the question
+        layout (rendered for a probe question), the processor's and tokenizer's chat templates and the
+        option letters' token ids. A change to any of them changes the results' settings."""
+        probe = Sample("probe", "probe", "probe", "Which?", ["first", "second"], 0)
+        return digest({"layout": {kind: question_text(probe, kind) for kind in INSTRUCTION},
+                       "templates": [getattr(self.processor, "chat_template", None),
+                                     getattr(self.tokenizer, "chat_template", None)],
+                       "letters": self._letter_ids})
 
     def letter_scores(self, logits: torch.Tensor, num_options: int) -> list[float]:
         """Per option letter, the best next-token logit among its single-token spellings."""

@@ -7,14 +7,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .fingerprint import Expected
 from .runner import ANY_CONFIG, DENSE, Config
 
 
-def read_results(path: Path, keys: set[str], configs: list[Config]
+def read_results(path: Path, expected: Expected
                  ) -> tuple[dict[tuple[str, str], dict], dict[tuple[str, str], str]]:
-    """The latest result per (sample key, config) restricted to ``keys``/``configs``, and the latest error per
-    (sample key, config) that has no result (config ``"*"``: the sample's media or dense run failed)."""
-    names = {c.name for c in configs} | {ANY_CONFIG}
+    """The latest result per (sample key, config) made with the ``expected`` settings, and the latest error per
+    (sample key, config) that has no result (config ``"*"``: the sample's media or dense run failed). Lines
+    of other samples, configurations or settings are left out."""
     results: dict[tuple[str, str], dict] = {}
     errors: dict[tuple[str, str], str] = {}
     if path.exists():
@@ -23,7 +24,7 @@ def read_results(path: Path, keys: set[str], configs: list[Config]
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if not isinstance(rec, dict) or rec.get("key") not in keys or rec.get("config") not in names:
+            if not isinstance(rec, dict) or not expected.matches(rec):
                 continue
             if "error" in rec:
                 errors[(rec["key"], rec["config"])] = rec["error"]
@@ -39,10 +40,11 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def summarize(path: Path, keys: set[str], configs: list[Config], problems: list[str], meta: dict[str, Any]
+def summarize(path: Path, expected: Expected, configs: list[Config], problems: list[str], meta: dict[str, Any]
               ) -> dict[str, Any]:
-    """Accuracy per task and overall, difference to dense, tokens, times and agreement per configuration."""
-    results, errors = read_results(path, keys, configs)
+    """Accuracy per task and overall, difference to dense, tokens, times and agreement per configuration, from
+    the results made with the ``expected`` settings."""
+    results, errors = read_results(path, expected)
     dense_pred = {k: r["pred"] for (k, c), r in results.items() if c == DENSE}
     rows = []
     for config in configs:

@@ -1,9 +1,10 @@
 """The evaluation loop: every sample under dense and each configuration, resumable, failures counted.
 
 Results go to a JSONL file, one line per (sample, configuration), appended and flushed as they
-come; a rerun with the same file skips what is done (failed samples are tried again). Dense runs
-first for every sample: its last-token logits and generated tokens are what the reduced runs'
-agreement is measured against (recomputed in memory when resuming).
+come, each with the settings it was made with (:mod:`.fingerprint`); a rerun with the same file skips
+what is done with the same settings (failed samples, and results made with other settings, are run
+again). Dense runs first for every sample: its last-token logits and generated tokens are what the
+reduced runs' agreement is measured against (recomputed in memory when resuming).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from tqdm.auto import tqdm
 from .. import api
 from ..methods import REGISTRY
 from ..timing import Clock
+from ..video import video_backend
 from .datasets import LETTERS, Sample
+from .fingerprint import Expected, describe_outdated, sample_digest, versions
 from .media import MediaError, load_visual
 from .metrics import agreement
 from .prompts import ChatPrompter, parse_letter
@@ -45,6 +48,10 @@ class Config:
             opts["retention"] = self.retention
         api.patch(model, list(self.methods), **opts)  # each option goes to the listed methods that have it
 
+    def settings(self) -> dict[str, Any]:
+        """What this configuration contributes to a result's settings."""
+        return {"methods": list(self.methods), "retention": self.retention, "options": dict(self.options)}
+
 
 def make_configs(methods: Iterable[str], retentions: Iterable[float | None], options: dict[str, Any] | None = None
                  ) -> list[Config]:
@@ -66,25 +73,51 @@ def make_configs(methods: Iterable[str], retentions: Iterable[float | None], opt
 
 @dataclass
 class RunSettings:
+    """How every sample is run. ``model`` identifies the model in the results' settings (a resumed run with
+    another model reruns); ``video_backend`` is the decoder (None: decord if installed, else PyAV)."""
+
     num_frames: int = 8
     max_new_tokens: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    model: str = ""
+    video_backend: str | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings shared by every result of the run (see :mod:`.fingerprint`)."""
+        return {"model": self.model, "dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type,
+                "frames": self.num_frames, "max_new_tokens": self.max_new_tokens,
+                "video_backend": video_backend(self.video_backend), **versions()}
 
 
-def load_done(path: Path) -> set[tuple[str, str]]:
-    """(sample key, config) pairs with a result in ``path`` (lines without an error)."""
+def expected_settings(samples: list[Sample], configs: list[Config], settings: RunSettings,
+                      prompter: ChatPrompter) -> Expected:
+    """The settings every (sample, configuration) result of this run carries."""
+    return Expected({**settings.fingerprint(), "prompt": prompter.fingerprint()},
+                    {sample_key(s): sample_digest(s) for s in samples},
+                    {ANY_CONFIG: {}, **{c.name: c.settings() for c in configs}})
+
+
+def load_done(path: Path, expected: Expected) -> tuple[set[tuple[str, str]], dict[tuple[str, str], Any]]:
+    """(sample key, config) pairs with a result in ``path`` made with the expected settings, and the stored
+    settings of the pairs whose only results were made with other settings (to be run again)."""
     done: set[tuple[str, str]] = set()
+    other: dict[tuple[str, str], Any] = {}
     if not path.exists():
-        return done
+        return done, other
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by an interruption: that pair reruns
-        if isinstance(rec, dict) and "error" not in rec and "config" in rec and "key" in rec:
-            done.add((rec["key"], rec["config"]))
-    return done
+        if not isinstance(rec, dict) or "error" in rec or expected.of(rec.get("key"), rec.get("config")) is None:
+            continue
+        pair = (rec["key"], rec["config"])
+        if expected.matches(rec):
+            done.add(pair)
+        else:
+            other[pair] = rec.get("settings")
+    return done, {pair: old for pair, old in other.items() if pair not in done}
 
 
 def sample_key(sample: Sample) -> str:
@@ -95,12 +128,17 @@ def evaluate(model: torch.nn.Module, prompter: ChatPrompter, samples: list[Sampl
              out: Path, settings: RunSettings, progress: bool = True,
              log: Callable[[str], None] = print) -> dict[str, int]:
     """Run every sample under every config, appending results to ``out`` (JSONL). Returns counts:
-    ``run`` (new results), ``skipped`` (done before), ``failed_samples`` (media or the dense run failed: the
-    sample is lost) and ``failed_runs`` (one configuration failed on a sample; the others ran)."""
+    ``run`` (new results), ``skipped`` (done before with the same settings), ``outdated`` (results in ``out``
+    made with other settings, run again), ``failed_samples`` (media or the dense run failed: the sample is
+    lost) and ``failed_runs`` (one configuration failed on a sample; the others ran)."""
     if not configs or configs[0].name != DENSE:
         raise ValueError("the first configuration must be dense (the reference for agreement)")
-    done = load_done(out)
-    counts = {"run": 0, "skipped": 0, "failed_samples": 0, "failed_runs": 0}
+    expected = expected_settings(samples, configs, settings, prompter)
+    done, outdated = load_done(out, expected)
+    if outdated:
+        log(f"{len(outdated)} results in {out} were made with other settings and are run again "
+            f"(their lines stay; the report uses only the current settings): {describe_outdated(outdated, expected)}")
+    counts = {"run": 0, "skipped": 0, "outdated": len(outdated), "failed_samples": 0, "failed_runs": 0}
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
         with out.open("a") as sink:  # an interrupted run left half a line: end it, so new lines stay whole
@@ -110,8 +148,10 @@ def evaluate(model: torch.nn.Module, prompter: ChatPrompter, samples: list[Sampl
 
         def fail(sample: Sample, config: str, message: str) -> None:
             log(f"failed: {message}")
-            sink.write(json.dumps({"key": sample_key(sample), "benchmark": sample.benchmark, "task": sample.task,
-                                   "config": config, "error": message}) + "\n")
+            key = sample_key(sample)
+            sink.write(json.dumps({"key": key, "benchmark": sample.benchmark, "task": sample.task,
+                                   "config": config, "error": message,
+                                   "settings": expected.of(key, config)}) + "\n")
             sink.flush()
 
         for sample in bar:
@@ -121,7 +161,7 @@ def evaluate(model: torch.nn.Module, prompter: ChatPrompter, samples: list[Sampl
             if not todo:
                 continue
             try:
-                kind, visual, fps = load_visual(sample, settings.num_frames)
+                kind, visual, fps = load_visual(sample, settings.num_frames, settings.video_backend)
                 inputs = _to_device(prompter.inputs(sample, kind, visual, fps), settings)
             except (MediaError, ValueError, TypeError) as err:  # processor errors on odd media are ValueErrors
                 counts["failed_samples"] += 1
@@ -145,7 +185,8 @@ def evaluate(model: torch.nn.Module, prompter: ChatPrompter, samples: list[Sampl
                 if config.name == DENSE:
                     dense = (logits, gen)
                 if config in todo:
-                    rec.update(key=key, frames=len(visual) if kind == "video" else 1)
+                    rec.update(key=key, frames=len(visual) if kind == "video" else 1,
+                               settings=expected.of(key, config.name))
                     sink.write(json.dumps(rec) + "\n")
                     sink.flush()
                     counts["run"] += 1

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ..ops import topk_mask
 from ..ops.frames import frame_slots
-from .base import Method, Selection, Step, check_fraction, check_layer
+from .base import Method, Selection, Step
+from .options import Choice, Flag, Fraction, Integer, Layer, option
 
 
 def aim_rounds(retention: float, rounds: int | None = None) -> int:
@@ -20,29 +21,40 @@ def aim_rounds(retention: float, rounds: int | None = None) -> int:
     return rounds or max(1, math.ceil(math.log2(1 / retention)) + 1)
 
 
-def aim_frame_count(cells: int, retention: float, rounds: int | None = None) -> int:
-    """Tokens AIM's merging leaves of a frame of ``cells`` tokens (known before the data is seen)."""
+def aim_frame_count(cells: int, retention: float, rounds: int | None = None, official: bool = False) -> int:
+    """Tokens AIM's merging leaves of a frame of ``cells`` tokens (known before the data is seen); see
+    :func:`aim_groups` for ``official``."""
     n, target = cells, math.ceil(cells * retention - 1e-9)
-    for _ in range(aim_rounds(retention, rounds)):
-        n -= min(n // 2 if rounds is not None else max(n - target, 0), (n + 1) // 2)
+    for k in range(aim_rounds(retention, rounds)):
+        if rounds is None:
+            want = max(n - target, 0)
+        else:
+            want = cells // 2 ** (k + 1) if official else n // 2
+        n -= min(want, n // 2 if official else (n + 1) // 2)
     return n
 
 
 def aim_groups(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor, retention: float,
-               rounds: int | None = None) -> torch.Tensor:
+               rounds: int | None = None, official: bool = False) -> torch.Tensor:
     """``[G, C]`` long: each slot's representative slot after AIM's bipartite merging of every group
     (frame) ``feats`` ``[G, C, D]`` (``present`` slots, token ``size`` weights): per round, the present
     tokens alternate into sets A and B, each A token matches its most similar B token (cosine), and the
     best-matched A tokens merge into their match (size-weighted), until each group keeps ``retention``
-    of its tokens or for exactly ``rounds`` halving rounds. Shared by the HF method and the vLLM path."""
+    of its tokens or for exactly ``rounds`` halving rounds. Shared by the HF method and the vLLM path.
+
+    A round merges up to every A token (``ceil(n / 2)``), and with ``rounds`` half of the current count;
+    ``official``: the official code's counts instead, at most ``floor(n / 2)`` per round and, with
+    ``rounds``, ``N // 2``, ``N // 4``, ... of the group's original count ``N`` (its two rounds keep
+    ``N - N // 2 - N // 4`` of an 11-token frame: 4, where the default keeps 3)."""
     dtype = feats.dtype
     present = present.clone()
+    original = present.sum(dim=1)
     feats = feats.float()
     size = size.float() * present
     target = torch.ceil(present.sum(dim=1).double() * retention - 1e-9).long()
     cells = torch.arange(present.shape[1], device=present.device).expand_as(present)
     rep = cells.clone()  # each slot's current representative slot
-    for _ in range(aim_rounds(retention, rounds)):  # a bounded count known on the host (no data-dependent loop)
+    for k in range(aim_rounds(retention, rounds)):  # a bounded count known on the host (no data-dependent loop)
         n = present.sum(dim=1)
         order = present.long().cumsum(dim=1) - 1
         a_set, b_set = present & (order % 2 == 0), present & (order % 2 == 1)
@@ -51,8 +63,11 @@ def aim_groups(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor, r
         sim = sim.masked_fill(~b_set[:, None, :], float("-inf"))
         best, match = sim.max(dim=2)
         best = best.masked_fill(~a_set, float("-inf"))
-        r = (n - target).clamp(min=0) if rounds is None else n // 2
-        r = torch.minimum(r, a_set.sum(dim=1))
+        if rounds is None:
+            r = (n - target).clamp(min=0)
+        else:
+            r = original // 2 ** (k + 1) if official else n // 2
+        r = torch.minimum(r, n // 2 if official else a_set.sum(dim=1))
         merged = topk_mask(best, a_set, r)
         # size-weighted means of B tokens and the A tokens merging into them
         into = torch.where(merged, match, cells)
@@ -82,30 +97,31 @@ class AIM(Method):
     LLM (official: unweighted mean); a merged token keeps its earliest member's original position
     (official: Qwen2-VL's grid is shrunk and positions rebuilt); pruning really removes tokens
     (official: attention masking, no compute saved) and ranks them by the last rows' attention
-    from SDPA-compatible q.K (official: a PageRank-like score over eager attention).
+    from SDPA-compatible q.K (official: a PageRank-like score over eager attention). Merging rounds: a
+    round here may merge every A token (``ceil(n / 2)`` of an odd ``n``; official: at most ``floor(n / 2)``),
+    with ``rounds`` it merges ``n // 2`` of the current count (official: ``N // 2`` then ``N // 4`` of the
+    original), so odd frames keep fewer tokens (7 tokens at retention 0.25: 2 here, 3 there); and tokens keep
+    their spatial order between rounds (official: ``[unmerged A, B]``, so its later rounds pair different
+    tokens). ``rounding="official"`` merges the official counts (with ``rounds=2``, the official code's
+    count for every frame size; see :func:`aim_groups`); the order between rounds stays ours. See
+    docs/methods.md.
     """
 
     name: ClassVar[str] = "aim"
     description: ClassVar[str] = "bipartite merging in each frame before the LLM, then progressive pruning (AIM)"
     stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
 
-    retention: float = 0.25
-    rounds: int | None = None
-    prune: bool = True
-    prune_start: int | None = None
-    prune_end: int | None = None
-    last_queries: int = 8
+    retention: float = option(0.25, Fraction())
+    rounds: int | None = option(None, Integer(1, none=True))
+    prune: bool = option(True, Flag())
+    prune_start: int | None = option(None, Layer(none=True, room=1))
+    prune_end: int | None = option(None, Layer(none=True, room=1))
+    last_queries: int = option(8, Integer(1))
+    rounding: str = option("ceil", Choice(("ceil", "official")))
 
     def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        if self.rounds is not None:
-            check_layer("rounds", self.rounds, minimum=1)
-        for name in ("prune_start", "prune_end"):
-            if getattr(self, name) is not None:
-                check_layer(name, getattr(self, name))
         if None not in (self.prune_start, self.prune_end) and self.prune_end < self.prune_start:
             raise ValueError(f"aim: prune_end={self.prune_end} is before prune_start={self.prune_start}")
-        check_layer("last_queries", self.last_queries, minimum=1)
 
     @property
     def n_queries(self) -> int:
@@ -119,6 +135,7 @@ class AIM(Method):
         return start, max(start, end)
 
     def check_model(self, num_layers: int) -> None:
+        super().check_model(num_layers)
         start, end = self.schedule(num_layers)
         if self.prune and end + 1 >= num_layers:
             raise ValueError(f"aim: the pruning schedule {start}..{end} needs layers after it, but the model has "
@@ -152,7 +169,7 @@ class AIM(Method):
         slots = frame_slots(member, step.item, step.frame, step.cell, step.max_items, step.max_frames,
                             step.max_cells)
         rep = aim_groups(slots.gather(step.hidden), slots.present, slots.gather(step.size), self.retention,
-                         self.rounds)
+                         self.rounds, official=self.rounding == "official")
         # the surviving row of each group of merged tokens is its earliest member (original position)
         row = slots.flat % step.rows.shape[1]
         first = torch.full_like(row, step.rows.shape[1]).scatter_reduce_(

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..layout import IMAGE
+from .options import Fraction, Integer, check_depth, check_options
 
 REGISTRY: dict[str, type[Method]] = {}  # filled as method classes are defined (Method.__init_subclass__)
 
@@ -70,7 +71,9 @@ class Selection:
 
 @dataclass
 class Method:
-    """Base of all methods. Subclasses are dataclasses whose fields are the options.
+    """Base of all methods. Subclasses are dataclasses whose fields are the options, each declared with
+    :func:`tokenreduce.methods.options.option` and its check (type, range, layer depth), validated when the
+    method is built and, for layer options, when it is installed on a model.
 
     ``act_layers`` are the LLM layers before which :meth:`reduce` runs; ``score_layers`` the
     layers whose attention must yield importance scores (used before the next layer);
@@ -92,6 +95,7 @@ class Method:
             REGISTRY[cls.name] = cls
 
     def __post_init__(self) -> None:
+        check_options(self)
         self.validate()
 
     @classmethod
@@ -101,7 +105,8 @@ class Method:
         raise ValueError(f"{cls.name} needs no calibration; calibrated methods: {', '.join(calibrated()) or 'none'}")
 
     def validate(self) -> None:
-        """Raise ValueError on options out of range."""
+        """Raise ValueError on option combinations out of range (each option alone is checked by its
+        declaration, before this runs); may fill in defaults derived from other options."""
 
     @property
     def n_queries(self) -> int:
@@ -114,7 +119,9 @@ class Method:
         return set()
 
     def check_model(self, num_layers: int) -> None:
-        """Raise ValueError if the options do not fit a model with ``num_layers`` LLM layers."""
+        """Raise ValueError if the options do not fit a model with ``num_layers`` LLM layers (the declared
+        layer options are checked here; overrides call this first)."""
+        check_depth(self, num_layers)
 
     def reduce(self, step: Step) -> Selection | None:
         raise NotImplementedError
@@ -134,20 +141,30 @@ def calibrated() -> list[str]:
 
 
 def check_fraction(name: str, value: float | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    """A function argument (not a method option) in (0, 1]: the options' :class:`~.options.Fraction` rule."""
+    Fraction(none=allow_none)("", name, value)
 
 
 def check_layer(name: str, value: int, minimum: int = 0) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    """A function argument (not a method option) that is an integer >= ``minimum``."""
+    Integer(minimum)("", name, value)
 
 
-def budget(retention: float, visual_in: torch.Tensor) -> torch.Tensor:
-    """Visual tokens to keep per sample: ``ceil(retention * n)`` (so retention 1.0 keeps all)."""
-    return torch.ceil(visual_in.double() * retention - 1e-9).long().clamp(min=0)
+def budget(retention: float, visual_in: torch.Tensor, rounding: str = "ceil") -> torch.Tensor:
+    """Visual tokens to keep per sample, ``retention * n`` rounded by ``rounding``: ``"ceil"`` (the
+    default: retention 1.0 keeps all, and any retention keeps a token of a non-empty sample), ``"nearest"``
+    (Python's ``round``, halves to even: FastV's official ``round(N * (1 - R))``) or ``"floor"``
+    (``int(N * ratio)``: PyramidDrop's official count)."""
+    n = visual_in.double() * retention
+    if rounding == "nearest":
+        count = torch.round(n)  # half to even, as Python's round
+    elif rounding == "floor":
+        count = torch.floor(n)
+    elif rounding == "ceil":
+        count = torch.ceil(n - 1e-9)
+    else:
+        raise ValueError(f"budget: unknown rounding {rounding!r}; available: ceil, nearest, floor")
+    return count.long().clamp(min=0)
 
 
 __all__ = ["REGISTRY", "Method", "Selection", "Step", "budget", "check_fraction", "check_layer"]

@@ -12,6 +12,7 @@ from ..layout import VIDEO
 from ..ops import adjacent_cosine, same_cell_predecessor
 from ..ops.rank import group_count, group_rank
 from .base import Method, Selection, Step, check_fraction
+from .options import Fraction, option
 
 
 def evs_count(frames: int, cells: int, retention: float) -> int:
@@ -51,18 +52,17 @@ class EVS(Method):
     alone, as vLLM's EVS fixes its placeholder count before seeing the data. Kept tokens keep their
     original positions (vLLM recomputes M-RoPE positions for the same effect). Images pass through.
 
-    Same rule as vLLM's implementation; here the dropped tokens are really removed from the LLM's
-    sequence and batches of any size are supported.
+    Same rule and count as vLLM's implementation; here the dropped tokens are really removed from the
+    LLM's sequence and batches of any size are supported. Deviation: the scores are float32 (see
+    :func:`evs_scores`) where vLLM scores in the embeddings' dtype, bf16 on GPU; on bf16 embeddings bf16
+    rounding ties and reorders scores there, so the kept sets differ (identical on float32 embeddings).
     """
 
     name: ClassVar[str] = "evs"
     description: ClassVar[str] = "drop video tokens similar to the previous frame before the LLM (vLLM EVS baseline)"
     stages: ClassVar[tuple[str, ...]] = ("embed",)
 
-    retention: float = 0.3
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention)
+    retention: float = option(0.3, Fraction())
 
     def act_layers(self, num_layers: int) -> set[int]:
         return {0}

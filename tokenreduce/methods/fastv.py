@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..ops import topk_mask
-from .base import Method, Selection, Step, budget, check_fraction, check_layer
+from .base import Method, Selection, Step, budget
+from .options import Choice, Fraction, Integer, Layer, option
 
 
 @dataclass
@@ -17,29 +18,24 @@ class FastV(Method):
     The importance comes from layer ``layer - 1``'s own post-RoPE queries and keys, in a small
     separate product (no attention matrix is materialised, so SDPA stays on); the drop happens
     before layer ``layer``. Kept tokens keep their original positions.
+
+    Kept count: ``ceil(retention * N)`` of a sample's ``N`` visual tokens (``rounding="ceil"``, the
+    default). The official code keeps ``round(N * (1 - R))`` (``R`` = 1 - retention; Python's round,
+    halves to even), one token fewer at some sizes: ``rounding="official"`` keeps that count.
     """
 
     name: ClassVar[str] = "fastv"
     description: ClassVar[str] = "prune visual tokens by last-token attention after layer K (FastV baseline)"
     stages: ClassVar[tuple[str, ...]] = ("layer",)
 
-    retention: float = 0.5
-    layer: int = 2
-    last_queries: int = 1
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        check_layer("layer", self.layer, minimum=1)
-        check_layer("last_queries", self.last_queries, minimum=1)
+    retention: float = option(0.5, Fraction())
+    layer: int = option(2, Layer(minimum=1))
+    last_queries: int = option(1, Integer(1))
+    rounding: str = option("ceil", Choice(("ceil", "official")))
 
     @property
     def n_queries(self) -> int:
         return self.last_queries
-
-    def check_model(self, num_layers: int) -> None:
-        if self.layer >= num_layers:
-            raise ValueError(f"fastv: layer={self.layer} but the model has {num_layers} LLM layers; "
-                             f"choose 1 <= layer <= {num_layers - 1}")
 
     def act_layers(self, num_layers: int) -> set[int]:
         return {self.layer}
@@ -50,5 +46,6 @@ class FastV(Method):
     def reduce(self, step: Step) -> Selection | None:
         if self.retention >= 1:
             return None
-        keep_visual = topk_mask(step.importance, step.visual, budget(self.retention, step.visual_in))
+        count = budget(self.retention, step.visual_in, "nearest" if self.rounding == "official" else "ceil")
+        keep_visual = topk_mask(step.importance, step.visual, count)
         return Selection.keep(step.valid & (~step.visual | keep_visual))

@@ -10,7 +10,8 @@ import torch
 
 from ..ops import fold_into_heads, same_cell_predecessor, topk_mask
 from ..ops.similarity import similar_predecessors
-from .base import Method, Selection, Step, budget, check_fraction, check_layer
+from .base import Method, Selection, Step, budget
+from .options import Fraction, Integer, Number, option
 
 
 @dataclass
@@ -38,21 +39,19 @@ class FrameFusion(Method):
     description: ClassVar[str] = "merge similar tokens of adjacent frames, then prune by importance (FrameFusion)"
     stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
 
-    retention: float | None = None
-    cost: float | None = None
-    similarity_threshold: float | None = None
-    similarity_lower_bound: float | None = None
-    ratio_lower_bound: float = 0.1
-    merge_layers: int = 3
-    last_queries: int = 4
+    retention: float | None = option(None, Fraction(none=True))
+    cost: float | None = option(None, Fraction(none=True))
+    similarity_threshold: float | None = option(None, Number(-1, 1, none=True))
+    similarity_lower_bound: float | None = option(None, Number(-1, 1, none=True))
+    ratio_lower_bound: float = option(0.1, Number(0, 1))
+    merge_layers: int = option(3, Integer(1))
+    last_queries: int = option(4, Integer(1))
 
     def validate(self) -> None:
         if self.retention is not None and self.cost is not None:
             raise ValueError("framefusion: give either retention or cost, not both")
         if self.retention is None and self.cost is None:
             self.retention = 0.3
-        check_fraction("retention", self.retention, allow_none=True)
-        check_fraction("cost", self.cost, allow_none=True)
         if self.similarity_lower_bound is not None:
             if self.similarity_threshold not in (None, self.similarity_lower_bound):
                 raise ValueError("framefusion: similarity_lower_bound is an alias of similarity_threshold; "
@@ -60,18 +59,13 @@ class FrameFusion(Method):
             self.similarity_threshold = self.similarity_lower_bound
         if self.similarity_threshold is None:
             self.similarity_threshold = 0.6
-        if not isinstance(self.similarity_threshold, (int, float)) or not -1 <= self.similarity_threshold <= 1:
-            raise ValueError(f"similarity_threshold must be in [-1, 1], got {self.similarity_threshold!r}")
-        if not 0 <= self.ratio_lower_bound <= 1:
-            raise ValueError(f"ratio_lower_bound must be in [0, 1], got {self.ratio_lower_bound!r}")
-        check_layer("merge_layers", self.merge_layers, minimum=1)
-        check_layer("last_queries", self.last_queries, minimum=1)
 
     @property
     def n_queries(self) -> int:
         return self.last_queries
 
     def check_model(self, num_layers: int) -> None:
+        super().check_model(num_layers)
         if self.merge_layers >= num_layers:
             raise ValueError(f"framefusion: merge_layers={self.merge_layers} but the model has {num_layers} "
                              f"LLM layers; pruning needs a layer after merging (merge_layers <= {num_layers - 1})")

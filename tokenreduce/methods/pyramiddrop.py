@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..ops import topk_mask
-from .base import Method, Selection, Step, budget, check_fraction, check_layer
+from .base import Method, Selection, Step, budget
+from .options import Choice, Fraction, Integer, Layers, option
 
 
 @dataclass
@@ -20,25 +21,18 @@ class PyramidDrop(Method):
     Deviation: the paper (and its code) scores through the *next* layer's norm and q/k projections;
     here the scores come from the post-RoPE queries and keys of the layer just run, observed in the
     attention function (one layer earlier, no extra projections). Tokens are removed, not masked.
+    Kept count after the k-th drop: ``ceil(retention ** k * N)`` (``rounding="ceil"``, the default); the
+    official code truncates, ``int(N * ratio_k)``: ``rounding="official"`` keeps that count.
     """
 
     name: ClassVar[str] = "pyramiddrop"
     description: ClassVar[str] = "drop visual tokens stage by stage by last-token attention (PyramidDrop baseline)"
     stages: ClassVar[tuple[str, ...]] = ("layer",)
 
-    retention: float = 0.5
-    layers: tuple[int, ...] | None = None
-    last_queries: int = 1
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        check_layer("last_queries", self.last_queries, minimum=1)
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
-            for layer in self.layers:
-                check_layer("layers[i]", layer, minimum=1)
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"pyramiddrop: layers must be increasing and distinct, got {self.layers}")
+    retention: float = option(0.5, Fraction())
+    layers: tuple[int, ...] | None = option(None, Layers(minimum=1, ordered=True, none=True))
+    last_queries: int = option(1, Integer(1))
+    rounding: str = option("ceil", Choice(("ceil", "official")))
 
     @property
     def n_queries(self) -> int:
@@ -50,10 +44,9 @@ class PyramidDrop(Method):
         return tuple(sorted({max(1, round(num_layers * k / 4)) for k in (1, 2, 3)} - {num_layers}))
 
     def check_model(self, num_layers: int) -> None:
-        bad = [layer for layer in self.drop_layers(num_layers) if layer >= num_layers]
-        if bad:
-            raise ValueError(f"pyramiddrop: layers {bad} do not exist before a layer of this {num_layers}-layer "
-                             f"LLM; choose layers in [1, {num_layers - 1}]")
+        super().check_model(num_layers)
+        if not self.drop_layers(num_layers):
+            raise ValueError(f"pyramiddrop: a {num_layers}-layer LLM has no layer to drop before; give layers=(...)")
 
     def act_layers(self, num_layers: int) -> set[int]:
         return set(self.drop_layers(num_layers))
@@ -65,5 +58,6 @@ class PyramidDrop(Method):
         if self.retention >= 1:
             return None
         stage = step.memo["stage"] = step.memo.get("stage", 0) + 1  # memo: this forward's state
-        keep = topk_mask(step.importance, step.visual, budget(self.retention ** stage, step.visual_in))
+        count = budget(self.retention ** stage, step.visual_in, "floor" if self.rounding == "official" else "ceil")
+        keep = topk_mask(step.importance, step.visual, count)
         return Selection.keep(step.valid & (~step.visual | keep))

@@ -7,8 +7,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..profiles import load_profile
+from ..profiles import (
+    check_finite_output,
+    check_profile_depth,
+    check_samples,
+    finite_numbers,
+    load_profile,
+    profile_error,
+    profile_source,
+)
 from .base import Method
+from .options import Layers, Number, option
 
 PROFILE_VERSION = 1
 
@@ -34,23 +43,22 @@ class ShortV(Method):
     description: ClassVar[str] = "visual tokens skip the least useful LLM layers, found by calibration (ShortV)"
     stages: ClassVar[tuple[str, ...]] = ("freeze",)
 
-    profile: dict | str | None = None
-    frozen_fraction: float = 0.6
-    layers: tuple[int, ...] | None = None
+    profile: dict | str | None = None  # checked by validate (schema, finite values) and check_model (depth)
+    frozen_fraction: float = option(0.6, Number(0, 1))
+    layers: tuple[int, ...] | None = option(None, Layers(none=True))
 
     def validate(self) -> None:
-        if not isinstance(self.frozen_fraction, (int, float)) or not 0 <= self.frozen_fraction <= 1:
-            raise ValueError(f"shortv: frozen_fraction must be in [0, 1], got {self.frozen_fraction!r}")
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
-                raise ValueError(f"shortv: layers must be non-negative integers, got {self.layers}")
         if self.profile is not None:
-            self.profile = load_profile(self.profile)
-            if self.profile.get("method") != self.name:
-                raise ValueError(f"shortv: the profile is for method {self.profile.get('method')!r}, not shortv")
-            if not isinstance(self.profile.get("layer_contribution"), list):
-                raise ValueError("shortv: the profile has no 'layer_contribution' list; recalibrate")
+            self.profile_source = profile_source(self.profile)
+            self.profile = load_profile(self.profile, self.name)
+            contribution = self.profile.get("layer_contribution")
+            if not finite_numbers(contribution):
+                raise profile_error(self.profile_source, "layer_contribution", "must be a list of finite numbers "
+                                    "(one per LLM layer)", contribution)
+            if len(contribution) != self.profile["num_layers"]:
+                raise profile_error(self.profile_source, "layer_contribution", f"must hold one number per layer "
+                                    f"(num_layers = {self.profile['num_layers']}), not {len(contribution)}",
+                                    contribution)
 
     def act_layers(self, num_layers: int) -> set[int]:
         return set()
@@ -67,17 +75,15 @@ class ShortV(Method):
         return sorted(sorted(range(num_layers), key=lambda i: (contribution[i], i))[:count])
 
     def check_model(self, num_layers: int) -> None:
-        if self.profile is not None and self.layers is None and self.profile.get("num_layers") != num_layers:
-            raise ValueError(f"shortv: the profile was calibrated on a {self.profile.get('num_layers')}-layer "
-                             f"{self.profile.get('architecture')}, this model has {num_layers} LLM layers")
-        bad = [i for i in self.frozen_layers(num_layers) if i >= num_layers]
-        if bad:
-            raise ValueError(f"shortv: layers {bad} do not exist; the model has {num_layers} LLM layers")
+        super().check_model(num_layers)
+        if self.profile is not None and self.layers is None:
+            check_profile_depth(self.profile, self.profile_source, self.name, num_layers)
+        self.frozen_layers(num_layers)  # a layers-less, profile-less shortv says what it needs
 
     def setup(self, engine: Any) -> Callable[[], None] | None:
         arch = type(engine.model).__name__
         if self.profile is not None and self.layers is None and self.profile.get("architecture") != arch:
-            raise ValueError(f"shortv: the profile was calibrated on {self.profile.get('architecture')}, "
+            raise ValueError(f"shortv: {self.profile_source} was calibrated on {self.profile.get('architecture')}, "
                              f"not {arch}; calibrate this model")
         layers = self.frozen_layers(engine.num_layers)
         return engine.freeze(set(layers)) if layers else None
@@ -94,22 +100,22 @@ class ShortV(Method):
 
         if options:
             raise TypeError(f"shortv calibration takes no options {sorted(options)}")
-        samples = list(samples)
-        if not samples:
-            raise ValueError("shortv calibration needs at least one sample with an image or video")
+        samples = check_samples(samples, cls.name)
         num_layers = len(_adapter_layers(model))
         total = torch.zeros(num_layers, dtype=torch.float64)
         bar = tqdm(total=len(samples) * (num_layers + 1), desc="shortv calibration", disable=not progress)
         with torch.no_grad():
-            for sample in samples:
+            for index, sample in enumerate(samples):
                 dense = _last_log_probs(model, sample)
+                check_finite_output(dense, cls.name, index, "next-token log-probabilities")
                 bar.update()
                 for layer in range(num_layers):
                     api.patch(model, cls(layers=(layer,)))
                     try:
                         frozen = _last_log_probs(model, sample)
                         if api.stats(model).visual_tokens_in[0] == 0:
-                            raise ValueError("a shortv calibration sample has no image or video tokens")
+                            raise ValueError(f"shortv calibration sample {index} has no image or video tokens")
+                        check_finite_output(frozen, cls.name, index, f"log-probabilities with layer {layer} frozen")
                     finally:
                         api.unpatch(model)
                     # KL(dense || frozen) of the last token's next-token distribution, per sample

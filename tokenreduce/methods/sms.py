@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from ..ops import topk_mask
 from ..ops.frames import frame_slots
 from ..ops.knee import RULES, knee_count
-from .base import Method, Selection, Step, check_fraction, check_layer
+from .base import Method, Selection, Step
+from .options import Choice, Flag, Fraction, Integer, Number, option
 
 
 def sms_similarity(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -53,29 +54,20 @@ class SMS(Method):
     description: ClassVar[str] = "keep visual tokens before the knee of similarity-to-reference, then prune (SMS)"
     stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
 
-    retention: float | None = None
-    knee: str = "kneedle"
-    slope: float = 1.0
-    second_round: bool = True
-    second_layer: int = 2
-    second_retention: float = 0.5
-    last_queries: int = 1
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention, allow_none=True)
-        if self.knee not in RULES:
-            raise ValueError(f"sms: unknown knee rule {self.knee!r}; available: {', '.join(RULES)}")
-        if not isinstance(self.slope, (int, float)) or self.slope <= 0:
-            raise ValueError(f"sms: slope must be a positive number, got {self.slope!r}")
-        check_layer("second_layer", self.second_layer, minimum=1)
-        check_fraction("second_retention", self.second_retention)
-        check_layer("last_queries", self.last_queries, minimum=1)
+    retention: float | None = option(None, Fraction(none=True))
+    knee: str = option("kneedle", Choice(tuple(RULES)))
+    slope: float = option(1.0, Number(0, low_open=True))
+    second_round: bool = option(True, Flag())
+    second_layer: int = option(2, Integer(1))
+    second_retention: float = option(0.5, Fraction())
+    last_queries: int = option(1, Integer(1))
 
     @property
     def n_queries(self) -> int:
         return self.last_queries
 
     def check_model(self, num_layers: int) -> None:
+        super().check_model(num_layers)
         if self.second_round and self.second_layer >= num_layers:
             raise ValueError(f"sms: second_layer={self.second_layer} but the model has {num_layers} LLM layers; "
                              f"choose 1 <= second_layer <= {num_layers - 1} or second_round=False")

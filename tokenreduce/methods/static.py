@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import Method, Selection, Step, check_fraction
+from .base import Method, Selection, Step
+from .options import Fraction, Number, option
 
 
 @dataclass
@@ -39,16 +40,12 @@ class Static(Method):
     description: ClassVar[str] = "skip video units that repeat the previous frame before the vision tower (Qwen-VL)"
     stages: ClassVar[tuple[str, ...]] = ("vision", "embed")
 
-    threshold: float | None = None
-    retention: float | None = None
+    threshold: float | None = option(None, Number(0, none=True))  # 0 skips nothing
+    retention: float | None = option(None, Fraction(none=True))
 
     def validate(self) -> None:
-        check_fraction("retention", self.retention, allow_none=True)
         if self.threshold is None and self.retention is None:
             self.threshold = 0.05
-        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(
-                self.threshold, (int, float)) or self.threshold < 0):
-            raise ValueError(f"static: threshold must be a number >= 0 (0 skips nothing), got {self.threshold!r}")
 
     def act_layers(self, num_layers: int) -> set[int]:
         return {0}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import Method, check_fraction, check_layer
+from .base import Method
+from .options import Fraction, Integer, option
 
 
 @dataclass
@@ -23,26 +24,24 @@ class TomeVision(Method):
     spread as a constant ``r = ceil(patches * (1 - retention) / layers)`` per layer (ToMe's schedule);
     or ``r`` directly (``r=0`` is the dense tower). Implemented from the paper, not from its code.
     Deviation: the matching takes keys averaged over heads from the layer's own attention (as the
-    paper), and merged tokens stay in their original order (ToMe's code reorders them; the order does
-    not matter to attention). Refused on Qwen-VL (its merge units feed M-RoPE): use ``static`` there.
+    paper), and merged tokens stay in their original order where ToMe's code returns ``[unmerged A, B]``
+    after each layer. Attention does not depend on the order but the next layer's alternating A/B split
+    does, so from the second layer on the two pair different tokens (same counts). Refused on Qwen-VL (its
+    merge units feed M-RoPE): use ``static`` there.
     """
 
     name: ClassVar[str] = "tome-vision"
     description: ClassVar[str] = "token merging inside CLIP/SigLIP vision towers (ToMe; LLaVA-OneVision/-NeXT-Video)"
     stages: ClassVar[tuple[str, ...]] = ("vision",)
 
-    retention: float | None = None
-    r: int | None = None
+    retention: float | None = option(None, Fraction(none=True))
+    r: int | None = option(None, Integer(0, none=True))
 
     def validate(self) -> None:
         if self.retention is not None and self.r is not None:
             raise ValueError("tome-vision: give either retention or r, not both")
-        if self.r is None:
-            if self.retention is None:
-                self.retention = 0.5
-            check_fraction("retention", self.retention)
-        else:
-            check_layer("r", self.r, minimum=0)
+        if self.r is None and self.retention is None:
+            self.retention = 0.5
 
     def act_layers(self, num_layers: int) -> set[int]:
         return set()

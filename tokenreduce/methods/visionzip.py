@@ -13,7 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from ..layout import IMAGE, VIDEO
-from .base import Method, Selection, Step, check_fraction
+from .base import Method, Selection, Step
+from .options import Fraction, Integer, Number, option
 
 
 def zip_record(scores: torch.Tensor, keys: torch.Tensor, keep: int, dominant: int) -> torch.Tensor:
@@ -71,8 +72,9 @@ class VisionZip(Method):
 
     Deviations from the paper, which reduces inside the tower's output: the selection acts on the LLM's
     visual embeddings before LLM layer 0 (so the tower, the projector and their cost are unchanged, and
-    positions stay the original ones); a contextual token is the size-weighted mean of its members'
-    projected embeddings (not the projection of the mean of tower features); for towers whose LLM token
+    positions stay the original ones); a contextual token is the size-weighted mean of its target's and
+    members' projected embeddings (official: the sum ``target + mean(members)`` of tower features, before
+    the projector, about twice a token's norm); for towers whose LLM token
     pools several patches (Qwen-VL's 2x2 merge, LLaVA video pooling) scores and keys are pooled the same way.
     Budget per frame: ``ceil(retention * tokens_per_frame)``, of which ``round(dominant_fraction * budget)``
     dominant (the paper's 54 + 10 of 64 at the default share). An image is one frame: for LLaVA's
@@ -85,18 +87,9 @@ class VisionZip(Method):
                                   "tokens (VisionZip)")
     stages: ClassVar[tuple[str, ...]] = ("embed",)  # reads the vision tower (hooks) but does not change it
 
-    retention: float = 0.3
-    dominant_fraction: float = 54 / 64
-    layer: int | None = None
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        value = self.dominant_fraction
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-            raise ValueError(f"dominant_fraction must be a number in [0, 1], got {value!r}")
-        if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
-            raise ValueError(f"layer must be an integer index into the vision tower's layers or None, "
-                             f"got {self.layer!r}")
+    retention: float = option(0.3, Fraction())
+    dominant_fraction: float = option(54 / 64, Number(0, 1))
+    layer: int | None = option(None, Integer(None, none=True))  # into the vision tower's layers; may be negative
 
     def act_layers(self, num_layers: int) -> set[int]:
         return {0}

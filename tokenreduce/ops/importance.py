@@ -26,6 +26,9 @@ def last_query_importance(query: torch.Tensor, key: torch.Tensor, q_index: torch
 def last_query_importance_reference(query: torch.Tensor, key: torch.Tensor, q_index: torch.Tensor,
                                     key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
     """Torch reference of :func:`last_query_importance`."""
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"last_query_importance: query and key must cover the same rows (Lq == Lk: q_index and "
+                         f"the causal mask index both), got Lq = {query.shape[2]} and Lk = {key.shape[2]}")
     bsz, hq, _, dim = query.shape
     hkv, n = key.shape[1], q_index.shape[1]
     q = query.gather(2, q_index[:, None, :, None].expand(-1, hq, -1, dim))

@@ -27,7 +27,18 @@ def _doublings(max_chain: int) -> int:
 
 
 def fold_into_heads_reference(pred: torch.Tensor, merge: torch.Tensor, max_chain: int) -> torch.Tensor:
-    """Torch reference of :func:`fold_into_heads`."""
+    """Torch reference of :func:`fold_into_heads`. ``pred`` must point backwards (-1 or an earlier row),
+    else a cycle has no head; checked here for CPU tensors, as the ``fold_runs`` kernel checks (on an
+    accelerator the check would stall the engine on a host sync: there the kernel's device assert checks,
+    and the engine's ``pred`` comes from :func:`~tokenreduce.ops.similarity.same_cell_predecessor`, earlier
+    rows by construction)."""
+    if pred.device.type == "cpu" and pred.numel():
+        rows = torch.arange(pred.shape[1], device=pred.device)
+        bad = (pred < -1) | (pred >= rows)
+        if bool(bad.any()):
+            b, i = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"fold_into_heads: pred[{b}, {i}] = {int(pred[b, i])} must be -1 (no predecessor) or "
+                             f"an earlier row in [0, {i})")
     rows = torch.arange(pred.shape[1], device=pred.device).expand_as(pred)
     dest = torch.where(merge & (pred >= 0), pred, rows)
     for _ in range(_doublings(max_chain)):

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from ...methods.base import check_fraction, check_layer
+from ...methods.options import Fraction, Integer, option
 from ..scores import grouped
 from .base import KVMethod
 
@@ -38,18 +38,11 @@ class ActQKV(KVMethod):
     name: ClassVar[str] = "actqkv"
     description: ClassVar[str] = "decode-time block retrieval by an activation-aware probe query, per-layer cut-off"
 
-    retention: float = 0.3
-    block: int = 32
-    sinks: int = 4
-    window: int = 64
-    probe: int = 16
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        check_layer("block", self.block, 1)
-        check_layer("sinks", self.sinks)
-        check_layer("window", self.window, 1)
-        check_layer("probe", self.probe, 1)
+    retention: float = option(0.3, Fraction())
+    block: int = option(32, Integer(1))
+    sinks: int = option(4, Integer(0))
+    window: int = option(64, Integer(1))
+    probe: int = option(16, Integer(1))
 
     def compress(self, engine, index, layer, query, module, fwd) -> None:
         length = layer.keys.shape[2]

@@ -31,7 +31,8 @@ class KVMethod(Method):
     text_only: ClassVar[bool] = False  # True: needs token ids and 1-D RoPE (not the LM inside a VLM)
 
     def check_llm(self, parts: TextParts, is_vlm: bool) -> None:
-        """Raise TypeError/ValueError if the method cannot run on this LLM."""
+        """Raise TypeError/ValueError if the method cannot run on this LLM (overrides call this first)."""
+        self.check_model(parts.num_layers)
         if self.text_only and is_vlm:
             raise TypeError(f"{self.name} works on text LLMs (token ids in, 1-D RoPE); the language model of a "
                             "vision-language model is supported by snapkv, streamingllm, actqkv and interlayer")

@@ -23,6 +23,15 @@ from typing import Any, ClassVar
 import torch
 
 from ...methods.base import check_fraction, check_layer
+from ...methods.options import Fraction, Integer, option
+from ...profiles import (
+    check_finite_output,
+    check_profile_depth,
+    check_samples,
+    load_profile,
+    profile_error,
+    profile_source,
+)
 from ..model import text_parts
 from ..scores import grouped
 from .base import KVMethod
@@ -54,13 +63,13 @@ def _observe(model, samples, queries: int) -> list[list[torch.Tensor]]:
     out = []
     try:
         with torch.no_grad():
-            for sample in samples:
-                if not isinstance(sample, dict):
-                    raise ValueError("interlayer calibration samples must be dicts of model keyword arguments "
-                                     f"such as {{'input_ids': ...}}, got {type(sample).__name__}")
+            for index, sample in enumerate(samples):
                 found.clear()
                 model(**sample, use_cache=False)
-                out.append([found[i] for i in range(parts.num_layers)])
+                attention = [found[i] for i in range(parts.num_layers)]
+                for layer, probs in enumerate(attention):
+                    check_finite_output(probs, "interlayer", index, f"attention probabilities in layer {layer}")
+                out.append(attention)
     finally:
         for layer in parts.layers:
             delattr(layer.self_attn, ATTR)
@@ -76,26 +85,42 @@ def _similarity(p: torch.Tensor, q: torch.Tensor) -> float:
     return float(1 - (js / math.log(2)).mean())
 
 
+def check_groups(groups: Any, num_layers: int, where: str) -> None:
+    """ValueError unless ``groups`` is a list of groups of adjacent layers, each a non-empty list of increasing
+    consecutive layer indices in ``[0, num_layers)``, the groups in order and disjoint (as calibration makes
+    them: a layer that shares with no other is a group of one)."""
+    if not isinstance(groups, list) or not groups:
+        raise profile_error(where, "groups", "must be a non-empty list of lists of adjacent layer indices", groups)
+    last = -1
+    for group in groups:
+        if not isinstance(group, list) or not group or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in group):
+            raise profile_error(where, "groups", "must hold non-empty lists of layer indices (integers)", group)
+        if group != list(range(group[0], group[0] + len(group))):
+            raise profile_error(where, "groups", "must hold adjacent layers in increasing order (a group shares "
+                                "keys along consecutive layers)", group)
+        if group[0] <= last or group[-1] >= num_layers:
+            raise profile_error(where, "groups", f"must be disjoint, in order and within the {num_layers} layers "
+                                f"[0, {num_layers - 1}] of num_layers", group)
+        last = group[-1]
+
+
 @dataclass
 class InterLayer(KVMethod):
     name: ClassVar[str] = "interlayer"
     description: ClassVar[str] = "calibrated: layers with similar attention share distant tokens' keys (PoD)"
 
-    profile: dict | str | None = None
-    retention: float = 0.3
-    sinks: int = 16
+    profile: dict | str | None = None  # checked by validate (schema, groups) and check_llm (depth)
+    retention: float = option(0.3, Fraction())
+    sinks: int = option(16, Integer(0))
 
     def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        check_layer("sinks", self.sinks)
         if self.profile is None:
             raise ValueError("interlayer needs a calibration profile: profile = tokenreduce.calibrate(model, "
                              "'interlayer', samples), then patch(model, 'interlayer', profile=profile)")
-        from ...api import load_profile  # api imports the methods: a late import
-
-        self.profile = load_profile(self.profile)
-        if self.profile.get("method") != self.name:
-            raise ValueError(f"this profile was made for {self.profile.get('method')!r}, not interlayer")
+        self.profile_source = profile_source(self.profile)
+        self.profile = load_profile(self.profile, self.name)
+        check_groups(self.profile.get("groups"), self.profile["num_layers"], self.profile_source)
 
     @classmethod
     def calibrate(cls, model: Any, samples: Any, threshold: float = 0.5, max_group: int = 4, queries: int = 16
@@ -103,10 +128,9 @@ class InterLayer(KVMethod):
         """Group adjacent layers whose attention of the last ``queries`` tokens is similar on ``samples``."""
         check_fraction("threshold", threshold)
         check_layer("max_group", max_group, 1)
+        check_layer("queries", queries, 1)
         parts = text_parts(model)
-        observed = _observe(model, samples, queries)
-        if not observed:
-            raise ValueError("interlayer calibration needs at least one sample")
+        observed = _observe(model, check_samples(samples, cls.name), queries)
         n = parts.num_layers
         sims = [sum(_similarity(s[i], s[i + 1]) for s in observed) / len(observed) for i in range(n - 1)]
         full = set(parts.full_attention_layers())
@@ -123,10 +147,7 @@ class InterLayer(KVMethod):
 
     def check_llm(self, parts, is_vlm: bool) -> None:
         super().check_llm(parts, is_vlm)
-        if self.profile.get("num_layers") != parts.num_layers:
-            raise ValueError(f"the interlayer profile is for a {self.profile.get('num_layers')}-layer "
-                             f"{self.profile.get('architecture')}; this model has {parts.num_layers} layers: "
-                             "calibrate it on this model")
+        check_profile_depth(self.profile, self.profile_source, self.name, parts.num_layers)
         if getattr(parts.config, "attn_logit_softcapping", None) is not None:
             raise TypeError("interlayer cannot share logits of models with attention logit soft-capping (Gemma 2)")
         if len(parts.full_attention_layers()) != parts.num_layers:
@@ -134,7 +155,7 @@ class InterLayer(KVMethod):
 
     def install(self, engine) -> None:
         if self.profile.get("architecture") != type(engine.model).__name__:
-            raise ValueError(f"the interlayer profile was calibrated on {self.profile.get('architecture')}, "
+            raise ValueError(f"interlayer: {self.profile_source} was calibrated on {self.profile.get('architecture')}, "
                              f"not {type(engine.model).__name__}; calibrate it on this model")
         self.owner = {i: g[0] for g in self.profile["groups"] if len(g) > 1 for i in g}
 

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...methods.base import check_fraction, check_layer
+from ...methods.options import Flag, Fraction, Layer, Number, Text, option
 from ..model import inv_freq, rotate
 from ..namespace import current_namespace
 from ..store import KVStore
@@ -93,35 +93,21 @@ class SemShare(KVMethod):
                      "one tenant's prompts to another when requests re-patched a shared model)"}
 
     store: KVStore | None = None
-    require_namespace: bool = False
-    model_id: str | None = None
-    retention: float = 0.3
-    decay: float = 0.7
-    max_distance: float = 0.1
-    min_match: float = 0.5
-    position_scale: float = 16.0
-    check_layer: int = 1
-    save: bool = True
+    require_namespace: bool = option(False, Flag())
+    model_id: str | None = option(None, Text(none=True))  # None: fingerprint the weights (kv/fingerprint.py)
+    retention: float = option(0.3, Fraction())
+    decay: float = option(0.7, Fraction())
+    max_distance: float = option(0.1, Number(0, 0.5))  # a fraction of the signature bits
+    min_match: float = option(0.5, Fraction())
+    position_scale: float = option(16.0, Number(0, low_open=True))
+    check_layer: int = option(1, Layer(room=1))  # later layers must exist to reuse KV in
+    save: bool = option(True, Flag())
 
     def validate(self) -> None:
         if self.store is None:
             self.store = KVStore()
         if not isinstance(self.store, KVStore):
             raise ValueError(f"store must be a tokenreduce.KVStore, got {type(self.store).__name__}")
-        if not isinstance(self.require_namespace, bool):
-            raise ValueError(f"require_namespace must be True or False, got {self.require_namespace!r}")
-        if self.model_id is not None and (not isinstance(self.model_id, str) or not self.model_id):
-            raise ValueError(f"model_id must be None (fingerprint the weights) or a non-empty string, "
-                             f"got {self.model_id!r}")
-        check_fraction("retention", self.retention)
-        check_fraction("decay", self.decay)
-        check_fraction("min_match", self.min_match)
-        if not isinstance(self.max_distance, (int, float)) or not 0 <= self.max_distance <= 0.5:
-            raise ValueError(f"max_distance (a fraction of the signature bits) must be in [0, 0.5], "
-                             f"got {self.max_distance!r}")
-        check_layer("check_layer", self.check_layer)
-        if not isinstance(self.position_scale, (int, float)) or self.position_scale <= 0:
-            raise ValueError(f"position_scale must be positive, got {self.position_scale!r}")
 
     def check_llm(self, parts, is_vlm: bool) -> None:
         super().check_llm(parts, is_vlm)

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...methods.base import check_fraction, check_layer
+from ...methods.options import Fraction, Integer, Number, option
 from ..select import budgets
 from .base import KVMethod
 
@@ -63,17 +63,10 @@ class SemToken(KVMethod):
     stages: ClassVar[tuple[str, ...]] = ("embed",)
     text_only: ClassVar[bool] = True
 
-    retention: float = 0.5
-    context: int = 2
-    density_weight: float = 0.5
-    sinks: int = 4
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        check_layer("context", self.context)
-        check_layer("sinks", self.sinks)
-        if not isinstance(self.density_weight, (int, float)) or self.density_weight < 0:
-            raise ValueError(f"density_weight must be >= 0, got {self.density_weight!r}")
+    retention: float = option(0.5, Fraction())
+    context: int = option(2, Integer(0))
+    density_weight: float = option(0.5, Number(0))
+    sinks: int = option(4, Integer(0))
 
     def check_llm(self, parts, is_vlm: bool) -> None:
         super().check_llm(parts, is_vlm)

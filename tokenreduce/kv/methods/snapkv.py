@@ -37,7 +37,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...methods.base import check_fraction, check_layer
+from ...methods.options import Choice, Fraction, Integer, option
 from ..scores import window_scores
 from ..select import budgets, top_entries
 from .base import KVMethod
@@ -64,19 +64,14 @@ class SnapKV(KVMethod):
     name: ClassVar[str] = "snapkv"
     description: ClassVar[str] = "baseline: keep each KV head's prompt entries most attended by the last queries"
 
-    retention: float = 0.3
-    window: int = 32
-    kernel: int = 5
-    pool: str = "prompt"
+    retention: float = option(0.3, Fraction())
+    window: int = option(32, Integer(1))
+    kernel: int = option(5, Integer(1))
+    pool: str = option("prompt", Choice(POOLS))
 
     def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        check_layer("window", self.window, 1)
-        check_layer("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (a centred pooling window), got {self.kernel}")
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
 
     def compress(self, engine, index, layer, query, module, fwd) -> None:
         if self.retention >= 1.0:

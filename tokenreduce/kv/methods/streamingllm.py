@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from ...methods.base import check_fraction, check_layer
+from ...methods.options import Fraction, Integer, option
 from ..select import budgets, top_entries
 from .base import KVMethod
 
@@ -23,12 +23,8 @@ class StreamingLLM(KVMethod):
     name: ClassVar[str] = "streamingllm"
     description: ClassVar[str] = "baseline: keep attention sinks and a recent window of the prompt's KV cache"
 
-    retention: float = 0.3
-    sinks: int = 4
-
-    def validate(self) -> None:
-        check_fraction("retention", self.retention)
-        check_layer("sinks", self.sinks)
+    retention: float = option(0.3, Fraction())
+    sinks: int = option(4, Integer(0))
 
     def compress(self, engine, index, layer, query, module, fwd) -> None:
         if self.retention >= 1.0:

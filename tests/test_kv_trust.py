@@ -50,7 +50,7 @@ def test_per_request_namespaces_survive_a_two_thread_race():
     model = tiny_llm()
     store = AuditedStore()
     tokenreduce.patch(model, "semshare", store=store, retention=0.3)
-    tenants, rounds = ("alice", "bob"), 12
+    tenants, rounds = ("alice", "bob"), 20
     prompts = {t: [prompt(48, seed=100 * k + r) for r in range(rounds)] for k, t in enumerate(tenants)}
     own = {t: [signature(model, store, ids) for ids in prompts[t]] for t in tenants}
     barrier, errors = threading.Barrier(2), []

@@ -327,6 +327,15 @@ def test_fingerprint_sees_one_changed_projection_and_dtype():
     assert fingerprint(text_parts(base)) == key
 
 
+def test_offloaded_weights_ask_for_a_model_id():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**SIZES, attn_implementation="sdpa"))
+    with pytest.raises(ValueError, match="model_id"):
+        tokenreduce.patch(model, "semshare")
+    assert not tokenreduce.is_patched(model) and model.config._attn_implementation == "sdpa"
+    tokenreduce.patch(model, "semshare", model_id="llama-offloaded")  # named: no fingerprint needed
+
+
 # KVStore validation ----------------------------------------------------------------------------------------
 
 

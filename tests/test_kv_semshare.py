@@ -95,17 +95,18 @@ def test_no_cross_namespace_reuse():
     model = tiny_llm()
     ids = prompt(60)
     store = KVStore()
-    tokenreduce.patch(model, "semshare", store=store, namespace="alice", retention=0.3)
-    generate(model, ids)
-    tokenreduce.patch(model, "semshare", store=store, namespace="bob", retention=0.3)
-    generate(model, ids)
+    tokenreduce.patch(model, "semshare", store=store, retention=0.3)
+    with tokenreduce.namespace("alice"):
+        generate(model, ids)
+    with tokenreduce.namespace("bob"):
+        generate(model, ids)
     stats = tokenreduce.stats(model)
     assert stats.reuse_rate == 0.0 and stats.notes["match_rate"] == 0.0
     assert store.namespaces() == {"alice": 1, "bob": 1}
     sig = store.signatures(torch.randn(5, 64))
     assert store.best("carol", "any", sig, 128) is None
-    tokenreduce.patch(model, "semshare", store=store, namespace="alice", retention=0.3)
-    generate(model, ids)
+    with tokenreduce.namespace("alice"):
+        generate(model, ids)
     assert tokenreduce.stats(model).reuse_rate > 0.3
 
 
@@ -205,8 +206,8 @@ def test_semshare_errors():
     model = tiny_llm()
     with pytest.raises(ValueError, match="KVStore"):
         tokenreduce.patch(model, "semshare", store={})
-    with pytest.raises(ValueError, match="namespace"):
-        tokenreduce.patch(model, "semshare", namespace="")
+    with pytest.raises(ValueError, match="namespace"), tokenreduce.namespace(""):
+        pass
     with pytest.raises(ValueError, match="max_distance"):
         tokenreduce.patch(model, "semshare", max_distance=0.9)
     tokenreduce.patch(model, "semshare")

@@ -45,6 +45,10 @@ def test_every_option_is_declared_with_a_check(name):
 
 
 def _bad_values(check) -> list:
+    return [v for v in _candidates(check) if not (v is None and check.none)]  # None is fine where declared so
+
+
+def _candidates(check) -> list:
     if isinstance(check, Number):
         return [float("nan"), float("inf"), -float("inf"), "0.5", True]
     if isinstance(check, Flag):

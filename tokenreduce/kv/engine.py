@@ -4,6 +4,10 @@ Installed by ``tokenreduce.patch``: a forward pre-hook on the model adopts the c
 layers as :class:`KVLayer` (creating the ``DynamicCache`` when the caller passed none) and lets the
 method plan the forward; the registered ``tokenreduce_kv_<backend>`` attention function hands every
 attention call to the method. ``remove`` restores the attention implementation and drops every hook.
+
+Threads may share one patched model: per-forward state is thread-local, and ``remove`` (so ``patch`` and
+``unpatch``) refuses while a forward or ``generate`` call runs on the model in any thread, rather than pulling
+hooks from under it (:class:`tokenreduce.threads.CallCount`, shared with the visual engine).
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property, wraps
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from ..threads import CallCount, PerThread
 from .attention import ATTR, kv_attention
 from .cache import KVLayer
+from .fingerprint import fingerprint
 from .methods.base import KVMethod
 from .model import text_parts
 from .stats import KVStats
@@ -43,7 +50,10 @@ class Forward:
 
 
 class KVEngine:
-    """One KV method installed on one model."""
+    """One KV method installed on one model. ``record`` (what :meth:`stats` returns) is per thread, so a
+    request's thread reads its own prefill's statistics; ``latest`` is the last prefill of any thread."""
+
+    record = PerThread()
 
     def __init__(self, model: nn.Module, methods: list[KVMethod]) -> None:
         if len(methods) != 1:
@@ -60,18 +70,54 @@ class KVEngine:
         self.handles: list[Any] = []
         self.positional = [p for p in inspect.signature(model.forward).parameters if p not in ("args", "kwargs")]
         self.local = threading.local()  # the forward in flight, per thread (a server may share one model)
-        self.record = KVStats(self.method.name)
+        self.latest: KVStats | None = None
+        self.calls = CallCount()  # forwards and generate calls running on the model, all threads
+        self.wrapped_generate = False
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What decides this model's keys and values (:mod:`tokenreduce.kv.fingerprint`), taken once."""
+        return fingerprint(self.parts)
 
     # installation ---------------------------------------------------------------------------
     def install(self) -> None:
         self.handles.append(self.model.register_forward_pre_hook(self._before, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(self._after, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
+        self._wrap_generate()
         for i in self.full:
             setattr(self.parts.layers[i].self_attn, ATTR, self)
         self.parts.config._attn_implementation = self.attention_name
         self.method.install(self)
 
+    def _wrap_generate(self) -> None:
+        """Count a whole ``generate`` as one call, so that nobody re-patches between its forwards."""
+        original = getattr(self.model, "generate", None)
+        if original is None or "generate" in vars(self.model):
+            return
+
+        @wraps(original)
+        def generate(*args: Any, **kwargs: Any):
+            with self.calls.call():
+                return original(*args, **kwargs)
+
+        self.model.generate = generate
+        self.wrapped_generate = True
+
+    def check_idle(self) -> None:
+        """RuntimeError if a forward or generate call runs on the model (in any thread)."""
+        self.calls.check_idle()
+
     def remove(self) -> None:
+        """Undo the installation; RuntimeError, and nothing undone, while a call runs on the model (a call
+        that starts meanwhile waits, then runs unpatched)."""
+        with self.calls.closing():
+            self._remove()
+
+    def _remove(self) -> None:
+        if self.wrapped_generate:
+            del self.model.generate
+            self.wrapped_generate = False
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -95,6 +141,9 @@ class KVEngine:
 
     # forward ------------------------------------------------------------------------------
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if not self.calls.enter():  # the patch was removed while this forward started: it runs unpatched
+            self.fwd = None
+            return None
         kwargs = dict(kwargs)
         if args:  # positional arguments become keywords, so methods see one spelling
             kwargs.update(zip(self.positional, args, strict=False))
@@ -120,6 +169,10 @@ class KVEngine:
             self.method.begin(self, self.fwd)
         return args, self.fwd.kwargs
 
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Runs after every forward, also one that raised (``always_call``)."""
+        self.calls.leave()
+
     def _adopt(self, cache: Any) -> None:
         layers = getattr(cache, "layers", None)
         if layers is None:
@@ -138,10 +191,13 @@ class KVEngine:
         with self.timer():
             self.method.finish(self, fwd, output)
         if fwd.prefill:
-            self.record = KVStats(self.method.name)
-            self.method.note(self, fwd, self.record)
-            self.record.prefill_ms = fwd.seconds * 1e3
+            record = KVStats(self.method.name)
+            self.method.note(self, fwd, record)
+            record.prefill_ms = fwd.seconds * 1e3
+            self.record = self.latest = record
         else:
+            if self.record is None:  # decoding a cache this thread did not prefill
+                self.record = KVStats(self.method.name)
             self.record.decode_ms += fwd.seconds * 1e3
             self.record.decode_steps += 1
         self._measure(fwd.cache)
@@ -182,4 +238,5 @@ class KVEngine:
                 fwd.seconds += time.perf_counter() - start
 
     def stats(self) -> KVStats:
-        return self.record
+        """This thread's last prefill; in a thread that ran none, the last of any thread (empty before any)."""
+        return self.record or self.latest or KVStats(self.method.name)

@@ -1,8 +1,10 @@
 """KVStore: a bounded, thread-safe store of earlier prompts' token signatures and KV cache, by namespace.
 
-SemShareKV (``tokenreduce.patch(model, "semshare", store=store, namespace=tenant)``) looks up the most
-similar stored prompt of the caller's namespace, reuses its KV and adds each new prompt. Entries of
-one namespace are never returned for another, so tenants of a server never see each other's content.
+SemShareKV (``tokenreduce.patch(model, "semshare", store=store)``, each request inside
+``with tokenreduce.namespace(tenant):``) looks up the most similar stored prompt of the request's
+namespace and model, reuses its KV and adds each new prompt. Entries of one namespace are never returned
+for another, so tenants of a server never see each other's content; entries of one model (its weight
+fingerprint, :mod:`tokenreduce.kv.fingerprint`) are never returned for another.
 The store never holds more than ``max_bytes`` (signatures included): adding evicts the least recently
 used (or oldest, ``eviction="fifo"``) entries first, and an entry larger than the bound is not stored.
 """
@@ -18,6 +20,21 @@ import torch
 from ..ops.lsh import hamming_top1, lsh_planes, lsh_signatures
 
 EVICTIONS = ("lru", "fifo")
+
+
+def check_device(device: str | torch.device) -> None:
+    """ValueError unless ``device`` names a device that can hold tensors here (not ``meta``, which holds none)."""
+    hint = "use e.g. 'cpu', 'cuda' or 'cuda:1', or None to keep entries where the model computed them"
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"KVStore device {device!r} is not a torch device; {hint}") from None
+    if where.type == "meta":
+        raise ValueError(f"KVStore device {device!r} holds no data, so nothing could be reused; {hint}")
+    try:
+        torch.empty(1, device=where)
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"KVStore device {device!r} is not usable on this machine ({err}); {hint}") from None
 
 
 @dataclass(eq=False)
@@ -57,13 +74,13 @@ class KVStore:
     """Earlier prompts for KV reuse, bounded by ``max_bytes``; share one object across requests and threads.
 
     ``bits`` random hyperplanes (seeded by ``seed``) sign-hash token embeddings; ``device`` is where
-    stored tensors live (None: where the model computed them)."""
+    stored tensors live (None: where the model computed them; checked on construction)."""
 
     max_bytes: int = 512 * 2**20
     eviction: str = "lru"
     bits: int = 128
     seed: int = 0
-    device: str | None = None
+    device: str | torch.device | None = None
     _entries: list[Entry] = field(default_factory=list, init=False, repr=False)
     _bytes: int = field(default=0, init=False, repr=False)
     _clock: itertools.count = field(default_factory=itertools.count, init=False, repr=False)
@@ -77,6 +94,8 @@ class KVStore:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         if not isinstance(self.bits, int) or not 8 <= self.bits <= 4096:
             raise ValueError(f"bits must be an integer in [8, 4096], got {self.bits!r}")
+        if self.device is not None:
+            check_device(self.device)
 
     # signatures ---------------------------------------------------------------------------
     def signatures(self, x: torch.Tensor) -> torch.Tensor:

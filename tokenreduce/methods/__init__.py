@@ -50,7 +50,8 @@ def make_method(method: str | Method, **options) -> Method:
     allowed = [f.name for f in fields(cls)]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"{cls.name} has no option(s) {unknown}; its options are {allowed}")
+        advice = "".join(f". {cls.retired[k]}" for k in unknown if k in cls.retired)
+        raise TypeError(f"{cls.name} has no option(s) {unknown}; its options are {allowed}{advice}")
     return cls(**options)
 
 

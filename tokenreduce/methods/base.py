@@ -84,6 +84,7 @@ class Method:
     description: ClassVar[str] = ""
     stages: ClassVar[tuple[str, ...]] = ()
     engine: ClassVar[str] = "hf"  # "hf": engine.hf.HFEngine (visual stages); "kv": kv.engine.KVEngine
+    retired: ClassVar[dict[str, str]] = {}  # removed options -> what to do instead (said when one is given)
 
     def __init_subclass__(cls, register: bool | None = None, **kwargs: Any) -> None:
         """Named subclasses in tokenreduce register by name; others opt in with ``register=True``."""

@@ -2,13 +2,14 @@
 Matching"): reuse the KV cache of a similar earlier prompt, recomputing only the tokens that deviate most.
 
 For a new prompt: token embeddings with RoPE-style position rotation mixed in are sign-hashed
-(random hyperplanes, :mod:`tokenreduce.ops.lsh`); the stored prompt of the caller's namespace
-with the most tokens within ``max_distance`` of a new token is the reference, and every new token
-gets its nearest reference token. Layers up to ``check_layer`` (1) run every token; comparing the
-check layer's fresh keys and values with the reference's (re-rotated) ones ranks tokens by
-deviation (layer 0's KV depends on the token and position only, so it cannot see a changed
-context: the check must be at least layer 1). Every later layer runs only
-the most deviating ``f_l`` of the prompt (unmatched tokens and the last token always), with
+(random hyperplanes, :mod:`tokenreduce.ops.lsh`); the stored prompt of the request's namespace
+(``with tokenreduce.namespace(user_id):`` around the call, :mod:`tokenreduce.kv.namespace`) and of the
+same model (:mod:`tokenreduce.kv.fingerprint`, or an explicit ``model_id``) with the most tokens within
+``max_distance`` of a new token is the reference, and every new token gets its nearest reference
+token. Layers up to ``check_layer`` (1) run every token; comparing the check layer's fresh keys and
+values with the reference's (re-rotated) ones ranks tokens by deviation (layer 0's KV depends on the
+token and position only, so it cannot see a changed context: the check must be at least layer 1).
+Every later layer runs only the most deviating ``f_l`` of the prompt (unmatched tokens and the last token always), with
 ``f_l`` decaying exponentially with depth so that their mean is ``retention``; every other token's
 KV in that layer is the reference token's, keys re-rotated by RoPE from the reference position to
 the new one. Skipped rows are not run through the layer at all, so the saving is real (the public
@@ -16,7 +17,7 @@ reproduction runs every token and overwrites; it also never re-rotates keys).
 
 Deviations from the paper: one check layer ranks deviation (CacheBlend-style); only prompts computed in
 full are stored (``save``), so approximate KV is never reused twice; batch size 1 per forward (a
-server sends requests one by one; the store and the engine are thread-safe).
+server sends requests one by one, each in its namespace block; the store and the engine are thread-safe).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from ...methods.options import Flag, Fraction, Layer, Number, Text, option
 from ..model import inv_freq, rotate
+from ..namespace import current_namespace
 from ..store import KVStore
 from .base import KVMethod
 
@@ -85,9 +87,14 @@ class SemShare(KVMethod):
     name: ClassVar[str] = "semshare"
     description: ClassVar[str] = "reuse a similar earlier prompt's KV (LSH token matching), recompute what deviates"
     text_only: ClassVar[bool] = True
+    retired: ClassVar[dict[str, str]] = {
+        "namespace": "The namespace is per request now, not per patch: wrap each call in "
+                     "`with tokenreduce.namespace(user_id): model.generate(...)` (a patch-wide namespace leaked "
+                     "one tenant's prompts to another when requests re-patched a shared model)"}
 
     store: KVStore | None = None
-    namespace: str = option("default", Text())
+    require_namespace: bool = option(False, Flag())
+    model_id: str | None = option(None, Text(none=True))  # None: fingerprint the weights (kv/fingerprint.py)
     retention: float = option(0.3, Fraction())
     decay: float = option(0.7, Fraction())
     max_distance: float = option(0.1, Number(0, 0.5))  # a fraction of the signature bits
@@ -109,9 +116,9 @@ class SemShare(KVMethod):
             raise TypeError("semshare needs every layer to use full attention; this model has sliding-window layers")
 
     def model_key(self, engine) -> str:
-        c = engine.parts.config
-        return (f"{type(engine.model).__name__}:{getattr(c, '_name_or_path', '')}:{c.num_hidden_layers}:"
-                f"{c.hidden_size}:{c.num_key_value_heads}:{engine.parts.layers[0].self_attn.head_dim}")
+        """Which model's KV an entry holds: ``model_id`` if given (the caller vouches that equal ids compute
+        equal KV), else the fingerprint of the weights and config that produce K/V."""
+        return f"id:{self.model_id}" if self.model_id is not None else f"fp:{engine.fingerprint}"
 
     def fractions(self, num_layers: int) -> list[float]:
         """Fraction of the prompt each layer runs: 1 up to the check layer, then ``c * decay**k`` with mean
@@ -123,6 +130,7 @@ class SemShare(KVMethod):
 
     # hooks ----------------------------------------------------------------------------------
     def install(self, engine) -> None:
+        self.model_key(engine)  # fingerprint now, not in the first request
         for i, layer in enumerate(engine.parts.layers):
             engine.add_handle(layer.register_forward_pre_hook(partial(self._before_layer, engine, i), with_kwargs=True))
 
@@ -130,6 +138,7 @@ class SemShare(KVMethod):
         fwd.memo.pop("semshare", None)
         if not fwd.prefill or fwd.cache is None:
             return
+        fwd.memo["namespace"] = namespace = current_namespace(self.require_namespace)
         ids = fwd.kwargs.get("input_ids")
         if ids is None:
             raise ValueError("semshare needs input_ids (it hashes the prompt's token embeddings), not inputs_embeds")
@@ -145,7 +154,7 @@ class SemShare(KVMethod):
         match = None
         if self.retention < 1.0 and length > 1:
             bits = int(self.max_distance * self.store.bits)
-            match = self.store.best(self.namespace, self.model_key(engine), sig, bits)
+            match = self.store.best(namespace, self.model_key(engine), sig, bits)
         fwd.memo["match_rate"] = 0.0
         if match is None:
             return
@@ -231,7 +240,7 @@ class SemShare(KVMethod):
             return
         if self.save and "semshare" not in fwd.memo:
             layers = fwd.cache.layers[: engine.parts.num_layers]
-            self.store.add(self.namespace, self.model_key(engine), fwd.memo["signatures"],
+            self.store.add(fwd.memo["namespace"], self.model_key(engine), fwd.memo["signatures"],
                            [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
 
     def note(self, engine, fwd, record) -> None:

@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from .hooks import ENGINE_ATTR
 from .methods import REGISTRY, Method, make_method
 from .profiles import load_profile, save_profile
 
-_ATTR = "_tokenreduce_engine"  # the same name the engine puts on attention modules (engine.attention)
 _PATCHING = threading.RLock()  # patch/unpatch of any model, one at a time (installation is not atomic)
 
 
@@ -89,7 +89,7 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
         except BaseException:
             Installed(engines).remove()
             raise
-        setattr(model, _ATTR, Installed(engines))
+        setattr(model, ENGINE_ATTR, Installed(engines))
     return model
 
 
@@ -108,7 +108,7 @@ def _make_engine(kind: str, model: nn.Module, group: list[Method]):
 
 
 def _installed(model: nn.Module) -> Installed:
-    installed = getattr(model, _ATTR, None)
+    installed = getattr(model, ENGINE_ATTR, None)
     if installed is None:
         raise ValueError("this model is not patched by tokenreduce; call tokenreduce.patch first")
     return installed
@@ -119,12 +119,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     while a forward or ``generate`` call runs on the model (in any thread)."""
     with _PATCHING:
         _installed(model).remove()
-        delattr(model, _ATTR)
+        delattr(model, ENGINE_ATTR)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return getattr(model, _ATTR, None) is not None
+    return getattr(model, ENGINE_ATTR, None) is not None
 
 
 def stats(model: nn.Module):

@@ -8,24 +8,16 @@ importance scores come from the very queries and keys the layer computes.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..hooks import ENGINE_ATTR
+from ..hooks.attention import backend, register_attention
+
 PREFIX = "tokenreduce_"
-ENGINE_ATTR = "_tokenreduce_engine"  # set on attention modules (and on the patched model) by the engine
-
-
-def _backend(module: nn.Module, original: str):
-    if original == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[original]
-
 
 def wrapped_attention(original: str) -> str:
     """Register (once) and return the name of the observing wrapper around backend ``original``."""
@@ -38,16 +30,13 @@ def wrapped_attention(original: str) -> str:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any):
         engine = getattr(module, ENGINE_ATTR, None)
-        backend = _backend(module, original)
+        real = backend(module, original)
         if engine is not None:
             engine.observe_attention(module, query, key, kwargs)
             if engine.frozen is not None:  # a frozen layer runs only its active rows' queries
-                out = engine.frozen.attention(module, backend, query, key, value, attention_mask, kwargs)
+                out = engine.frozen.attention(module, real, query, key, value, attention_mask, kwargs)
                 if out is not None:
                     return out
-        return backend(module, query, key, value, attention_mask, **kwargs)
+        return real(module, query, key, value, attention_mask, **kwargs)
 
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    return name
+    return register_attention(name, original, attention)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..engine.cache import PositionedLayer
+from ..hooks.cache import PositionedLayer
 
 
 class KVLayer(PositionedLayer):

@@ -24,15 +24,15 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from ..hooks import ENGINE_ATTR, KV_ATTR
+from ..hooks.cache import grow_layers
 from ..threads import CallCount, PerThread
-from .attention import ATTR, kv_attention
+from .attention import kv_attention
 from .cache import KVLayer
 from .fingerprint import fingerprint
 from .methods.base import KVMethod
 from .model import text_parts
 from .stats import KVStats
-
-_HF_ATTR = "_tokenreduce_engine"  # the visual engine's mark on attention modules
 
 
 @dataclass
@@ -61,7 +61,7 @@ class KVEngine:
         self.model, self.method = model, methods[0]
         self.parts = text_parts(model)
         self.is_vlm = getattr(model.config, "vision_config", None) is not None
-        if any(getattr(layer.self_attn, _HF_ATTR, None) is not None for layer in self.parts.layers):
+        if any(getattr(layer.self_attn, ENGINE_ATTR, None) is not None for layer in self.parts.layers):
             raise ValueError(f"{self.method.name} cannot be composed with visual-token methods yet; patch it alone")
         self.method.check_llm(self.parts, self.is_vlm)
         self.full = self.parts.full_attention_layers()
@@ -86,7 +86,7 @@ class KVEngine:
         self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
         self._wrap_generate()
         for i in self.full:
-            setattr(self.parts.layers[i].self_attn, ATTR, self)
+            setattr(self.parts.layers[i].self_attn, KV_ATTR, self)
         self.parts.config._attn_implementation = self.attention_name
         self.method.install(self)
 
@@ -123,8 +123,8 @@ class KVEngine:
         self.handles.clear()
         self.method.uninstall(self)
         for layer in self.parts.layers:
-            if getattr(layer.self_attn, ATTR, None) is self:
-                delattr(layer.self_attn, ATTR)
+            if getattr(layer.self_attn, KV_ATTR, None) is self:
+                delattr(layer.self_attn, KV_ATTR)
         self.parts.config._attn_implementation = self.original_attention
         self.fwd = None
 
@@ -174,13 +174,7 @@ class KVEngine:
         self.calls.leave()
 
     def _adopt(self, cache: Any) -> None:
-        layers = getattr(cache, "layers", None)
-        if layers is None:
-            raise ValueError(f"tokenreduce's KV methods need a transformers DynamicCache; got {type(cache).__name__}")
-        while len(layers) < self.parts.num_layers:
-            if getattr(cache, "layer_class_to_replicate", None) is None:
-                raise ValueError(f"the cache {type(cache).__name__} has fewer layers than the model")
-            layers.append(cache.layer_class_to_replicate())
+        layers = grow_layers(cache, self.parts.num_layers, "tokenreduce's KV methods")
         for i in self.full:
             KVLayer.adopt(layers[i])
 

@@ -39,7 +39,8 @@ from .base import KVMethod
 
 def _observe(model, samples, queries: int) -> list[list[torch.Tensor]]:
     """Per sample, per layer: attention ``[Hq, n, L]`` of the last ``queries`` rows (float32)."""
-    from ..attention import ATTR, kv_attention  # transformers loads only when calibrating
+    from ...hooks import KV_ATTR
+    from ..attention import kv_attention  # transformers loads only when calibrating
 
     parts = text_parts(model)
     found: dict[int, torch.Tensor] = {}
@@ -59,7 +60,7 @@ def _observe(model, samples, queries: int) -> list[list[torch.Tensor]]:
     observer = Observer()
     parts.config._attn_implementation = kv_attention(original)
     for layer in parts.layers:
-        setattr(layer.self_attn, ATTR, observer)
+        setattr(layer.self_attn, KV_ATTR, observer)
     out = []
     try:
         with torch.no_grad():
@@ -72,7 +73,7 @@ def _observe(model, samples, queries: int) -> list[list[torch.Tensor]]:
                 out.append(attention)
     finally:
         for layer in parts.layers:
-            delattr(layer.self_attn, ATTR)
+            delattr(layer.self_attn, KV_ATTR)
         parts.config._attn_implementation = original
     return out
 

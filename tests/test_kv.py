@@ -185,9 +185,9 @@ def test_actqkv_retrieves_blocks_and_all_blocks_is_dense():
     assert all(4 + 8 + 16 + 2 <= a < 4 + 8 * nb + 16 + 2 and (a - 22) % 8 == 0 for a in attended)
 
     class AllBlocks(ActQKV, register=False):
-        def _cutoffs(self, engine, cache):
-            for i in engine.full:
-                cache.layers[i].state["k"] = cache.layers[i].state["block_keys"].shape[2]
+        def _cutoffs(self, fwd):
+            for i in fwd.full:
+                fwd.cache.layers[i].state["k"] = fwd.cache.layers[i].state["block_keys"].shape[2]
 
     tokenreduce.patch(model, AllBlocks(retention=0.3, block=8, sinks=4, window=16))
     _, every = generate(model, ids)

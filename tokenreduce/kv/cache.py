@@ -59,6 +59,10 @@ class KVLayer(PositionedLayer):
         self.append_positions(new.expand(key_states.shape[0], 1, -1), n)
         return super().update(key_states, value_states, *args, **kwargs)
 
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append as a plain ``DynamicLayer`` does, positions left to the caller (a ``pending`` writer)."""
+        return super().update(key_states, value_states)
+
     def append_positions(self, new: torch.Tensor, advance: int) -> None:
         if self.positions is None:
             self.positions = new

@@ -32,9 +32,11 @@ from ...profiles import (
     profile_error,
     profile_source,
 )
+from ..context import AttentionCall, KVForward, KVInstall
 from ..model import text_parts
 from ..scores import grouped
-from .base import KVMethod
+from ..stats import KVStats
+from .base import CacheMethod
 
 
 def _observe(model, samples, queries: int) -> list[list[torch.Tensor]]:
@@ -107,7 +109,7 @@ def check_groups(groups: Any, num_layers: int, where: str) -> None:
 
 
 @dataclass
-class InterLayer(KVMethod):
+class InterLayer(CacheMethod):
     name: ClassVar[str] = "interlayer"
     description: ClassVar[str] = "calibrated: layers with similar attention share distant tokens' keys (PoD)"
 
@@ -154,10 +156,10 @@ class InterLayer(KVMethod):
         if len(parts.full_attention_layers()) != parts.num_layers:
             raise TypeError("interlayer needs every layer to use full attention; this model has sliding layers")
 
-    def install(self, engine) -> None:
-        if self.profile.get("architecture") != type(engine.model).__name__:
+    def install(self, ctx: KVInstall) -> None:
+        if self.profile.get("architecture") != ctx.architecture:
             raise ValueError(f"interlayer: {self.profile_source} was calibrated on {self.profile.get('architecture')}, "
-                             f"not {type(engine.model).__name__}; calibrate it on this model")
+                             f"not {ctx.architecture}; calibrate it on this model")
         self.owner = {i: g[0] for g in self.profile["groups"] if len(g) > 1 for i in g}
 
     def _distant(self, length: int) -> tuple[int, int]:
@@ -165,7 +167,8 @@ class InterLayer(KVMethod):
         recent = max(0, proximal - self.sinks)
         return min(self.sinks, length), max(min(self.sinks, length), length - recent)
 
-    def compress(self, engine, index, layer, query, module, fwd) -> None:
+    def compress(self, fwd: KVForward, call: AttentionCall) -> None:
+        index, layer, query = call.index, call.layer, call.query
         owner = self.owner.get(index)
         start, end = self._distant(layer.keys.shape[2])
         if owner is None or self.retention >= 1.0 or end <= start:
@@ -184,23 +187,24 @@ class InterLayer(KVMethod):
             layer.state["distant_valid"] = valid
         layer.compressed = True
 
-    def attend(self, engine, index, layer, module, query, key, value, mask, real, kwargs):
-        fwd = engine.fwd
+    def attend(self, fwd: KVForward, call: AttentionCall) -> tuple[torch.Tensor, Any]:
+        index, layer, query, key, value = call.index, call.layer, call.query, call.key, call.value
+        scaling = call.module.scaling
         if fwd.prefill or "distant" not in layer.state:
-            return super().attend(engine, index, layer, module, query, key, value, mask, real, kwargs)
+            return super().attend(fwd, call)
         owner = self.owner[index]
         start, end = layer.state["distant"]
         hkv, n = key.shape[1], query.shape[2]
         if owner == index:
             q = grouped(query, hkv)
-            fwd.memo[("interlayer", owner)] = torch.matmul(q, key[:, :, start:end].transpose(-1, -2)) * module.scaling
-            return real(module, query, key, value, mask, **kwargs)
-        with engine.timer():
+            fwd.memo[("interlayer", owner)] = torch.matmul(q, key[:, :, start:end].transpose(-1, -2)) * scaling
+            return call.run(call.mask)
+        with fwd.timer():
             shared = fwd.memo[("interlayer", owner)]  # [B, Hkv, g*n, D]
             if "distant_valid" in layer.state:
                 hidden = ~layer.state["distant_valid"][:, None, None, :]
                 shared = shared.masked_fill(hidden, torch.finfo(shared.dtype).min)
-            own = torch.matmul(grouped(query, hkv), key.transpose(-1, -2)) * module.scaling
+            own = torch.matmul(grouped(query, hkv), key.transpose(-1, -2)) * scaling
             own = own + layer.mask(n, 1, own.dtype).repeat(1, 1, query.shape[1] // hkv, 1)  # rows in (g, n) order
             probs = torch.softmax(torch.cat([shared, own], dim=-1).float(), dim=-1).to(value.dtype)
             out = torch.matmul(probs, value)  # [B, Hkv, g*n, d]
@@ -208,5 +212,5 @@ class InterLayer(KVMethod):
             out = out.reshape(b, hq, n, -1).transpose(1, 2).contiguous()
         return out, None
 
-    def note(self, engine, fwd, record) -> None:
+    def note(self, fwd: KVForward, record: KVStats) -> None:
         record.notes["groups"] = self.profile["groups"]

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ...calibration import CalibrationRun
 from ...methods.base import check_fraction, check_layer
 from ...methods.options import Fraction, Integer, option
 from ...profiles import (
@@ -39,44 +40,30 @@ from ..stats import KVStats
 from .base import CacheMethod
 
 
-def _observe(model, samples, queries: int) -> list[list[torch.Tensor]]:
+def _observe(run: CalibrationRun, samples: list[dict[str, Any]], queries: int) -> list[list[torch.Tensor]]:
     """Per sample, per layer: attention ``[Hq, n, L]`` of the last ``queries`` rows (float32)."""
-    from ...hooks import KV_ATTR
-    from ..attention import kv_attention  # transformers loads only when calibrating
-
-    parts = text_parts(model)
+    parts = text_parts(run.model)
     found: dict[int, torch.Tensor] = {}
 
-    class Observer:
-        def attend(self, module, query, key, value, mask, real, kwargs):
-            n = min(queries, query.shape[2])
-            hkv, length = key.shape[1], key.shape[2]
-            q = grouped(query[:, :, -n:], hkv).float()
-            logits = torch.matmul(q, key.float().transpose(-1, -2)) * module.scaling
-            qpos = torch.arange(length - n, length, device=key.device).repeat(query.shape[1] // hkv)
-            logits = logits.masked_fill(torch.arange(length, device=key.device) > qpos[:, None], float("-inf"))
-            found[module.layer_idx] = torch.softmax(logits, -1)[0].reshape(query.shape[1], n, length)
-            return real(module, query, key, value, mask, **kwargs)
+    def observe(module, query, key, value, mask, real, kwargs):
+        n = min(queries, query.shape[2])
+        hkv, length = key.shape[1], key.shape[2]
+        q = grouped(query[:, :, -n:], hkv).float()
+        logits = torch.matmul(q, key.float().transpose(-1, -2)) * module.scaling
+        qpos = torch.arange(length - n, length, device=key.device).repeat(query.shape[1] // hkv)
+        logits = logits.masked_fill(torch.arange(length, device=key.device) > qpos[:, None], float("-inf"))
+        found[module.layer_idx] = torch.softmax(logits, -1)[0].reshape(query.shape[1], n, length)
+        return real(module, query, key, value, mask, **kwargs)
 
-    original = parts.config._attn_implementation
-    observer = Observer()
-    parts.config._attn_implementation = kv_attention(original)
-    for layer in parts.layers:
-        setattr(layer.self_attn, KV_ATTR, observer)
     out = []
-    try:
-        with torch.no_grad():
-            for index, sample in enumerate(samples):
-                found.clear()
-                model(**sample, use_cache=False)
-                attention = [found[i] for i in range(parts.num_layers)]
-                for layer, probs in enumerate(attention):
-                    check_finite_output(probs, "interlayer", index, f"attention probabilities in layer {layer}")
-                out.append(attention)
-    finally:
-        for layer in parts.layers:
-            delattr(layer.self_attn, KV_ATTR)
-        parts.config._attn_implementation = original
+    with run.observe_attention(observe), torch.no_grad():
+        for index, sample in enumerate(samples):
+            found.clear()
+            run.model(**sample, use_cache=False)
+            attention = [found[i] for i in range(parts.num_layers)]
+            for layer, probs in enumerate(attention):
+                check_finite_output(probs, "interlayer", index, f"attention probabilities in layer {layer}")
+            out.append(attention)
     return out
 
 
@@ -126,14 +113,14 @@ class InterLayer(CacheMethod):
         check_groups(self.profile.get("groups"), self.profile["num_layers"], self.profile_source)
 
     @classmethod
-    def calibrate(cls, model: Any, samples: Any, threshold: float = 0.5, max_group: int = 4, queries: int = 16
-                  ) -> dict[str, Any]:
+    def calibrate(cls, model: Any, samples: Any, *, run: CalibrationRun, threshold: float = 0.5, max_group: int = 4,
+                  queries: int = 16) -> dict[str, Any]:
         """Group adjacent layers whose attention of the last ``queries`` tokens is similar on ``samples``."""
         check_fraction("threshold", threshold)
         check_layer("max_group", max_group, 1)
         check_layer("queries", queries, 1)
         parts = text_parts(model)
-        observed = _observe(model, check_samples(samples, cls.name), queries)
+        observed = _observe(run, check_samples(samples, cls.name), queries)
         n = parts.num_layers
         sims = [sum(_similarity(s[i], s[i + 1]) for s in observed) / len(observed) for i in range(n - 1)]
         full = set(parts.full_attention_layers())
@@ -144,7 +131,7 @@ class InterLayer(CacheMethod):
                 last.append(i + 1)
             else:
                 groups.append([i + 1])
-        return {"method": cls.name, "architecture": type(model).__name__, "num_layers": n,
+        return {"method": cls.name, "architecture": run.architecture, "num_layers": n,
                 "groups": groups, "similarity": [round(s, 4) for s in sims], "threshold": threshold,
                 "max_group": max_group, "samples": len(observed)}
 

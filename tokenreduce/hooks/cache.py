@@ -1,4 +1,4 @@
-"""The cache side shared by both engines: finding the cache, growing its layer list, and the
+"""The cache side shared by both engines: growing a cache's layer list, and the
 position-carrying ``DynamicLayer`` both engines' cache layers derive from."""
 
 from __future__ import annotations
@@ -7,11 +7,6 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
-
-
-def cache_of(kwargs: dict[str, Any]) -> Any:
-    """The cache among a forward's keyword arguments (``cache`` or ``past_key_values``), or None."""
-    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def grow_layers(cache: Any, count: int, who: str) -> list[Any]:

@@ -15,9 +15,11 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..hooks import ENGINE_ATTR
-from ..hooks.attention import backend, register_attention
+from ..hooks.attention import backend as _backend
+from ..hooks.attention import register_attention
 
 PREFIX = "tokenreduce_"
+
 
 def wrapped_attention(original: str) -> str:
     """Register (once) and return the name of the observing wrapper around backend ``original``."""
@@ -30,13 +32,13 @@ def wrapped_attention(original: str) -> str:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any):
         engine = getattr(module, ENGINE_ATTR, None)
-        real = backend(module, original)
+        backend = _backend(module, original)
         if engine is not None:
             engine.observe_attention(module, query, key, kwargs)
             if engine.frozen is not None:  # a frozen layer runs only its active rows' queries
-                out = engine.frozen.attention(module, real, query, key, value, attention_mask, kwargs)
+                out = engine.frozen.attention(module, backend, query, key, value, attention_mask, kwargs)
                 if out is not None:
                     return out
-        return real(module, query, key, value, attention_mask, **kwargs)
+        return backend(module, query, key, value, attention_mask, **kwargs)
 
     return register_attention(name, original, attention)

@@ -7,9 +7,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-from tqdm.auto import tqdm
-
 from ..calibration import CalibrationRun
 from ..profiles import (
     check_finite_output,
@@ -97,6 +94,9 @@ class ShortV(Method):
                   **options: Any) -> dict[str, Any]:
         """Layer Contribution of every LLM layer for visual tokens, averaged over ``samples`` (dicts of
         model inputs holding images or videos, e.g. a processor's output), as a profile dict."""
+        import torch
+        from tqdm.auto import tqdm
+
         if options:
             raise TypeError(f"shortv calibration takes no options {sorted(options)}")
         samples = check_samples(samples, cls.name)
@@ -124,6 +124,6 @@ class ShortV(Method):
                 "samples": len(samples), "layer_contribution": (total / len(samples)).tolist()}
 
 
-def _last_log_probs(model: Any, sample: dict[str, Any]) -> torch.Tensor:
+def _last_log_probs(model: Any, sample: dict[str, Any]):
     logits = model(**sample).logits[:, -1].float()
     return logits.log_softmax(dim=-1)

@@ -38,6 +38,7 @@ def _bias_weights(queries: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
 @dataclass
 class ActQKV(CacheMethod):
     name: ClassVar[str] = "actqkv"
+    paper: ClassVar[str] = "arXiv 2502.13542"
     description: ClassVar[str] = "decode-time block retrieval by an activation-aware probe query, per-layer cut-off"
 
     retention: float = option(0.3, Fraction())

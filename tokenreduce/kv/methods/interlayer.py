@@ -98,6 +98,7 @@ def check_groups(groups: Any, num_layers: int, where: str) -> None:
 @dataclass
 class InterLayer(CacheMethod):
     name: ClassVar[str] = "interlayer"
+    paper: ClassVar[str] = "arXiv 2412.02252 (PoD)"
     description: ClassVar[str] = "calibrated: layers with similar attention share distant tokens' keys (PoD)"
 
     profile: dict | str | None = None  # checked by validate (schema, groups) and check_llm (depth)

@@ -88,6 +88,7 @@ class Plan:
 @dataclass
 class SemShare(CacheMethod):
     name: ClassVar[str] = "semshare"
+    paper: ClassVar[str] = "arXiv 2509.24832 (SemShareKV)"
     description: ClassVar[str] = "reuse a similar earlier prompt's KV (LSH token matching), recompute what deviates"
     text_only: ClassVar[bool] = True
     retired: ClassVar[dict[str, str]] = {

@@ -61,6 +61,7 @@ def merge_plan(embeds: torch.Tensor, valid: torch.Tensor, retention: float, cont
 @dataclass
 class SemToken(CacheMethod):
     name: ClassVar[str] = "semtoken"
+    paper: ClassVar[str] = "arXiv 2508.15190"
     description: ClassVar[str] = "merge semantically redundant adjacent tokens before the LLM, original positions"
     stages: ClassVar[tuple[str, ...]] = ("embed",)
     text_only: ClassVar[bool] = True

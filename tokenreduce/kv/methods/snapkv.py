@@ -62,6 +62,7 @@ def pool_scores(score: torch.Tensor, valid: torch.Tensor, kernel: int, window: i
 @dataclass
 class SnapKV(ScorerMethod):
     name: ClassVar[str] = "snapkv"
+    paper: ClassVar[str] = "arXiv 2404.14469 (SnapKV, NeurIPS 2024)"
     description: ClassVar[str] = "baseline: keep each KV head's prompt entries most attended by the last queries"
 
     window: int = option(32, Integer(1))

@@ -21,6 +21,7 @@ from .scorer import ScorerMethod
 @dataclass
 class StreamingLLM(ScorerMethod):
     name: ClassVar[str] = "streamingllm"
+    paper: ClassVar[str] = "arXiv 2309.17453 (StreamingLLM, ICLR 2024)"
     description: ClassVar[str] = "baseline: keep attention sinks and a recent window of the prompt's KV cache"
 
     sinks: int = option(4, Integer(0))

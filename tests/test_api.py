@@ -137,3 +137,12 @@ def test_direct_encoder_calls_leave_no_stale_inputs():
         model.model.get_video_features(video["pixel_values_videos"], video["video_grid_thw"])
         model(**make_inputs(model, text_lens=[6]))  # text-only: must not see the video's grid
     assert tokenreduce.stats(model).visual_tokens_in == [0]
+
+
+@pytest.mark.parametrize("order", [["streamingllm", "fastv"], ["fastv", "streamingllm"]])
+def test_cache_and_visual_methods_are_refused_in_either_order(order):
+    model = tiny_model("qwen2_vl")
+    with pytest.raises(ValueError, match=r"cache methods \['streamingllm'\] cannot be composed with visual-token "
+                                         r"methods \['fastv'\] yet"):
+        tokenreduce.patch(model, order)
+    assert not tokenreduce.is_patched(model) and hook_count(model) == 0

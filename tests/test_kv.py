@@ -12,6 +12,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 import tokenreduce
 from tokenreduce.kv.cache import KVLayer
 from tokenreduce.kv.methods.actqkv import ActQKV
+from tokenreduce.kv.methods.scorer import ScorerMethod
 from tokenreduce.kv.methods.semtoken import merge_plan
 from tokenreduce.kv.scores import window_scores
 
@@ -185,9 +186,9 @@ def test_actqkv_retrieves_blocks_and_all_blocks_is_dense():
     assert all(4 + 8 + 16 + 2 <= a < 4 + 8 * nb + 16 + 2 and (a - 22) % 8 == 0 for a in attended)
 
     class AllBlocks(ActQKV, register=False):
-        def _cutoffs(self, engine, cache):
-            for i in engine.full:
-                cache.layers[i].state["k"] = cache.layers[i].state["block_keys"].shape[2]
+        def _cutoffs(self, fwd):
+            for i in fwd.full:
+                fwd.cache.layers[i].state["k"] = fwd.cache.layers[i].state["block_keys"].shape[2]
 
     tokenreduce.patch(model, AllBlocks(retention=0.3, block=8, sinks=4, window=16))
     _, every = generate(model, ids)
@@ -304,3 +305,24 @@ def test_other_families(family):
     tokenreduce.patch(model, "streamingllm", retention=0.5)
     generate(model, ids)
     assert tokenreduce.stats(model).layer_entries == [30 + 2] * 4
+
+
+def test_a_scorer_method_writes_only_its_score():
+    """ScorerMethod does budget, padding and top-k: a recency score alone is StreamingLLM without sinks."""
+
+    class Recent(ScorerMethod, register=False):
+        name = "recent"
+
+        def score(self, fwd, call, valid):
+            return torch.arange(valid.shape[1], dtype=torch.float32).expand(valid.shape[0], 1, -1)
+
+    model, ids = tiny_llm(), prompt(60, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding: never kept, not counted in the budget
+    tokenreduce.patch(model, "streamingllm", retention=0.3, sinks=0)
+    seq, logits = generate(model, ids, mask)
+    reference = tokenreduce.stats(model).layer_entries
+    tokenreduce.patch(model, Recent(retention=0.3))
+    seq2, logits2 = generate(model, ids, mask)
+    assert tokenreduce.stats(model).layer_entries == reference == [18 + 2] * 4  # 18 prompt entries + 2 decoded
+    assert torch.equal(seq, seq2) and torch.equal(logits, logits2)

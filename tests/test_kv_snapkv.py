@@ -13,6 +13,7 @@ from test_kv import cache_kw, prompt, tiny_llm
 from transformers import DynamicCache
 
 import tokenreduce
+from tokenreduce.kv.context import AttentionCall, KVForward
 from tokenreduce.kv.methods.snapkv import SnapKV
 
 
@@ -60,9 +61,10 @@ def test_official_pool_selects_as_the_official_code():
     got = {}
     layer = SimpleNamespace(keys=key, keep=lambda index, ok: got.update(index=index, ok=ok))
     module = SimpleNamespace(scaling=16 ** -0.5)
-    fwd = SimpleNamespace(valid=None)
+    fwd = KVForward(True, {}, None, 200, None, None, [0], None, None)  # one unpadded prompt, nothing else used
+    call = AttentionCall(0, layer, module, query, key, key, None, None, {})
     for pool in ("official", "prompt"):
-        SnapKV(retention=0.25, window=16, kernel=7, pool=pool).compress(None, 0, layer, query, module, fwd)
+        SnapKV(retention=0.25, window=16, kernel=7, pool=pool).compress(fwd, call)
         assert bool(got["ok"].all()) and got["index"].shape[-1] == 50
         same = torch.equal(got["index"], official_selection(query, key, 16, 7, 50))
         assert same == (pool == "official")  # the default pooling differs at the prefix's edges

@@ -14,8 +14,8 @@ from test_kv import SIZES, generate, prompt, tiny_llm
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import tokenreduce
+from tokenreduce.hooks import KV_ATTR
 from tokenreduce.kv import KVStore
-from tokenreduce.kv.attention import ATTR
 from tokenreduce.kv.fingerprint import fingerprint
 from tokenreduce.kv.methods.semshare import mix_positions
 from tokenreduce.kv.model import text_parts
@@ -249,7 +249,7 @@ def test_concurrent_patch_calls_leave_a_working_model():
         tokenreduce.unpatch(model)
     assert model.config._attn_implementation == original
     assert not model._forward_pre_hooks and not model._forward_hooks
-    assert all(not layer._forward_pre_hooks and not hasattr(layer.self_attn, ATTR) for layer in model.model.layers)
+    assert all(not layer._forward_pre_hooks and not hasattr(layer.self_attn, KV_ATTR) for layer in model.model.layers)
     torch.testing.assert_close(generate(model, ids)[1], dense, atol=1e-5, rtol=0)
     tokenreduce.patch(model, "snapkv", retention=1.0)
     torch.testing.assert_close(generate(model, ids)[1], dense, atol=1e-5, rtol=0)

@@ -9,15 +9,19 @@ engine gets the methods of its kind, in the order given.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
+from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
 
+from .calibration import AttentionObserver
+from .hooks import ENGINE_ATTR, KV_ATTR
 from .methods import REGISTRY, Method, make_method
 from .profiles import load_profile, save_profile
 
-_ATTR = "_tokenreduce_engine"  # the same name the engine puts on attention modules (engine.attention)
 _PATCHING = threading.RLock()  # patch/unpatch of any model, one at a time (installation is not atomic)
 
 
@@ -78,6 +82,9 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
     kinds: dict[str, list[Method]] = {}
     for m in chosen:
         kinds.setdefault(m.engine, []).append(m)
+    if "hf" in kinds and "kv" in kinds:  # both would own the attention implementation
+        raise ValueError(f"cache methods {[m.name for m in kinds['kv']]} cannot be composed with visual-token methods "
+                         f"{[m.name for m in kinds['hf']]} yet; patch methods of one kind")
     with _PATCHING:
         if is_patched(model):
             unpatch(model)
@@ -89,7 +96,7 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
         except BaseException:
             Installed(engines).remove()
             raise
-        setattr(model, _ATTR, Installed(engines))
+        setattr(model, ENGINE_ATTR, Installed(engines))
     return model
 
 
@@ -108,7 +115,7 @@ def _make_engine(kind: str, model: nn.Module, group: list[Method]):
 
 
 def _installed(model: nn.Module) -> Installed:
-    installed = getattr(model, _ATTR, None)
+    installed = getattr(model, ENGINE_ATTR, None)
     if installed is None:
         raise ValueError("this model is not patched by tokenreduce; call tokenreduce.patch first")
     return installed
@@ -119,23 +126,20 @@ def unpatch(model: nn.Module) -> nn.Module:
     while a forward or ``generate`` call runs on the model (in any thread)."""
     with _PATCHING:
         _installed(model).remove()
-        delattr(model, _ATTR)
+        delattr(model, ENGINE_ATTR)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return getattr(model, _ATTR, None) is not None
+    return getattr(model, ENGINE_ATTR, None) is not None
 
 
 def stats(model: nn.Module):
     """What the last prefill of a patched model did: the visual engine's :class:`Stats`, or the KV
-    engine's statistics when only cache methods are patched."""
-    engines = _installed(model).engines
-    engine = engines.get("hf") or next(iter(engines.values()))
-    out = engine.stats()
-    if "hf" in engines and "kv" in engines:
-        out.kv = engines["kv"].stats()
-    return out
+    engine's :class:`tokenreduce.kv.stats.KVStats` when cache methods are patched (the two kinds are
+    not composed, see :func:`patch`)."""
+    (engine,) = _installed(model).engines.values()
+    return engine.stats()
 
 
 def calibrate(model: nn.Module, method: str, samples: Any, **options: Any) -> dict[str, Any]:
@@ -146,7 +150,50 @@ def calibrate(model: nn.Module, method: str, samples: Any, **options: Any) -> di
         raise ValueError(f"unknown method {method!r}; available: {', '.join(REGISTRY)}")
     if is_patched(model):
         raise ValueError("calibrate needs the unpatched model; call tokenreduce.unpatch first")
-    return cls.calibrate(model, samples, **options)
+    return cls.calibrate(model, samples, run=Calibration(model), **options)
+
+
+class Calibration:
+    """:class:`tokenreduce.calibration.CalibrationRun` over an unpatched ``model``: what :func:`calibrate`
+    lends a method's ``calibrate`` (so methods need not import this module)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    def num_layers(self) -> int:
+        from .models import adapter_for  # model adapters load with the engines (see _make_engine)
+
+        return len(list(adapter_for(self.model).layers(self.model)))
+
+    @contextmanager
+    def patched(self, method: Method) -> Iterator[Callable[[], Any]]:
+        patch(self.model, method)
+        try:
+            yield lambda: stats(self.model)
+        finally:
+            unpatch(self.model)
+
+    @contextmanager
+    def observe_attention(self, observer: AttentionObserver) -> Iterator[None]:
+        from .kv.attention import kv_attention  # transformers' attention code loads only when calibrating
+        from .kv.model import text_parts
+
+        parts = text_parts(self.model)
+        original = parts.config._attn_implementation
+        parts.config._attn_implementation = kv_attention(original)
+        hook = SimpleNamespace(attend=observer)  # kv_attention hands every call to `attend` of what it finds
+        for layer in parts.layers:
+            setattr(layer.self_attn, KV_ATTR, hook)
+        try:
+            yield
+        finally:
+            for layer in parts.layers:
+                delattr(layer.self_attn, KV_ATTR)
+            parts.config._attn_implementation = original
 
 
 __all__ = ["calibrate", "is_patched", "load_profile", "patch", "save_profile", "stats", "unpatch"]

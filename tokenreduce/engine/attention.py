@@ -8,23 +8,17 @@ importance scores come from the very queries and keys the layer computes.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..hooks import ENGINE_ATTR
+from ..hooks.attention import backend as _backend
+from ..hooks.attention import register_attention
+
 PREFIX = "tokenreduce_"
-ENGINE_ATTR = "_tokenreduce_engine"  # set on attention modules (and on the patched model) by the engine
-
-
-def _backend(module: nn.Module, original: str):
-    if original == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[original]
 
 
 def wrapped_attention(original: str) -> str:
@@ -47,7 +41,4 @@ def wrapped_attention(original: str) -> str:
                     return out
         return backend(module, query, key, value, attention_mask, **kwargs)
 
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    return name
+    return register_attention(name, original, attention)

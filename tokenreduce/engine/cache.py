@@ -5,28 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-
-class PositionedLayer(DynamicLayer):
-    """A ``DynamicLayer`` that also keeps ``positions`` (the original position of every stored row, batch
-    first): batch expansion (beams), selection and reordering apply to them as to the keys and values.
-    A subclass of ``DynamicLayer`` adding no storage, so a plain layer's class can be swapped in place."""
-
-    positions: torch.Tensor | None
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+from ..hooks.cache import PositionedLayer
 
 
 class ReducedDynamicLayer(PositionedLayer):

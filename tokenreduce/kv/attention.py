@@ -8,28 +8,16 @@ actual product. The backend's own mask function is registered under the same nam
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..hooks import KV_ATTR
+from ..hooks.attention import backend, register_attention
 
 PREFIX = "tokenreduce_kv_"
-ATTR = "_tokenreduce_kv"  # the KV engine, set on every attention module it serves
 BACKENDS = ("sdpa", "eager")
-
-Backend = Callable[..., tuple[torch.Tensor, Any]]
-
-
-def backend(module: nn.Module, original: str) -> Backend:
-    """The real attention function behind ``original`` for this module."""
-    if original == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[original]
 
 
 def kv_attention(original: str | None) -> str:
@@ -41,13 +29,10 @@ def kv_attention(original: str | None) -> str:
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any):
-        engine = getattr(module, ATTR, None)
+        engine = getattr(module, KV_ATTR, None)
         real = backend(module, original)
         if engine is None:
             return real(module, query, key, value, attention_mask, **kwargs)
         return engine.attend(module, query, key, value, attention_mask, real, kwargs)
 
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    return name
+    return register_attention(name, original, attention)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..engine.cache import PositionedLayer
+from ..hooks.cache import PositionedLayer
 
 
 class KVLayer(PositionedLayer):
@@ -58,6 +58,10 @@ class KVLayer(PositionedLayer):
         new = torch.arange(self.logical, self.logical + n, device=key_states.device)
         self.append_positions(new.expand(key_states.shape[0], 1, -1), n)
         return super().update(key_states, value_states, *args, **kwargs)
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append as a plain ``DynamicLayer`` does, positions left to the caller (a ``pending`` writer)."""
+        return super().update(key_states, value_states)
 
     def append_positions(self, new: torch.Tensor, advance: int) -> None:
         if self.positions is None:

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import cached_property, wraps
 from typing import Any
 
@@ -24,29 +21,17 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from ..hooks import ENGINE_ATTR, KV_ATTR
+from ..hooks.attention import Backend
+from ..hooks.cache import grow_layers
 from ..threads import CallCount, PerThread
-from .attention import ATTR, kv_attention
+from .attention import kv_attention
 from .cache import KVLayer
+from .context import AttentionCall, KVForward
 from .fingerprint import fingerprint
-from .methods.base import KVMethod
+from .methods.base import CacheMethod
 from .model import text_parts
 from .stats import KVStats
-
-_HF_ATTR = "_tokenreduce_engine"  # the visual engine's mark on attention modules
-
-
-@dataclass
-class Forward:
-    """One forward of the patched model: whether it starts a new prompt, its keyword arguments, the
-    cache, which prompt tokens are real (``valid`` ``[B, L]``, False for padding) and per-forward memo."""
-
-    prefill: bool
-    kwargs: dict[str, Any]
-    cache: Any
-    length: int
-    valid: torch.Tensor | None
-    memo: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0  # host time in the method's own work
 
 
 class KVEngine:
@@ -55,13 +40,14 @@ class KVEngine:
 
     record = PerThread()
 
-    def __init__(self, model: nn.Module, methods: list[KVMethod]) -> None:
+    def __init__(self, model: nn.Module, methods: list[CacheMethod]) -> None:
         if len(methods) != 1:
             raise ValueError(f"KV methods {[m.name for m in methods]} cannot be composed yet; patch one of them")
         self.model, self.method = model, methods[0]
         self.parts = text_parts(model)
+        self.architecture = type(model).__name__
         self.is_vlm = getattr(model.config, "vision_config", None) is not None
-        if any(getattr(layer.self_attn, _HF_ATTR, None) is not None for layer in self.parts.layers):
+        if any(getattr(layer.self_attn, ENGINE_ATTR, None) is not None for layer in self.parts.layers):
             raise ValueError(f"{self.method.name} cannot be composed with visual-token methods yet; patch it alone")
         self.method.check_llm(self.parts, self.is_vlm)
         self.full = self.parts.full_attention_layers()
@@ -86,9 +72,9 @@ class KVEngine:
         self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
         self._wrap_generate()
         for i in self.full:
-            setattr(self.parts.layers[i].self_attn, ATTR, self)
+            setattr(self.parts.layers[i].self_attn, KV_ATTR, self)
         self.parts.config._attn_implementation = self.attention_name
-        self.method.install(self)
+        self.method.install(self)  # as KVInstall: parts, architecture, fingerprint, add_hook, current
 
     def _wrap_generate(self) -> None:
         """Count a whole ``generate`` as one call, so that nobody re-patches between its forwards."""
@@ -123,20 +109,24 @@ class KVEngine:
         self.handles.clear()
         self.method.uninstall(self)
         for layer in self.parts.layers:
-            if getattr(layer.self_attn, ATTR, None) is self:
-                delattr(layer.self_attn, ATTR)
+            if getattr(layer.self_attn, KV_ATTR, None) is self:
+                delattr(layer.self_attn, KV_ATTR)
         self.parts.config._attn_implementation = self.original_attention
         self.fwd = None
 
     @property
-    def fwd(self) -> Forward | None:
+    def fwd(self) -> KVForward | None:
         return getattr(self.local, "fwd", None)
 
     @fwd.setter
-    def fwd(self, value: Forward | None) -> None:
+    def fwd(self, value: KVForward | None) -> None:
         self.local.fwd = value
 
-    def add_handle(self, handle: Any) -> None:
+    def current(self) -> KVForward | None:
+        """The forward in flight on this thread."""
+        return self.fwd
+
+    def add_hook(self, handle: Any) -> None:
         self.handles.append(handle)
 
     # forward ------------------------------------------------------------------------------
@@ -164,23 +154,24 @@ class KVEngine:
         prefill = cache is None or cache.get_seq_length() == 0
         mask = kwargs.get("attention_mask")
         valid = mask.bool() if prefill and isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        self.fwd = Forward(prefill, kwargs, cache, length, valid)
-        with self.timer():
-            self.method.begin(self, self.fwd)
-        return args, self.fwd.kwargs
+        if prefill:
+            record = KVStats(self.method.name)
+        else:
+            if self.record is None:  # decoding a cache this thread did not prefill
+                self.record = KVStats(self.method.name)
+            record = self.record
+        fwd = self.fwd = KVForward(prefill, kwargs, cache, length, valid, self.parts, self.full, record,
+                                        lambda: self.fingerprint)
+        with fwd.timer():
+            self.method.begin(fwd)
+        return args, fwd.kwargs
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Runs after every forward, also one that raised (``always_call``)."""
         self.calls.leave()
 
     def _adopt(self, cache: Any) -> None:
-        layers = getattr(cache, "layers", None)
-        if layers is None:
-            raise ValueError(f"tokenreduce's KV methods need a transformers DynamicCache; got {type(cache).__name__}")
-        while len(layers) < self.parts.num_layers:
-            if getattr(cache, "layer_class_to_replicate", None) is None:
-                raise ValueError(f"the cache {type(cache).__name__} has fewer layers than the model")
-            layers.append(cache.layer_class_to_replicate())
+        layers = grow_layers(cache, self.parts.num_layers, "tokenreduce's KV methods")
         for i in self.full:
             KVLayer.adopt(layers[i])
 
@@ -188,18 +179,16 @@ class KVEngine:
         fwd = self.fwd
         if fwd is None:
             return
-        with self.timer():
-            self.method.finish(self, fwd, output)
+        with fwd.timer():
+            self.method.finish(fwd, output)
+        record = fwd.record
         if fwd.prefill:
-            record = KVStats(self.method.name)
-            self.method.note(self, fwd, record)
+            self.method.note(fwd, record)
             record.prefill_ms = fwd.seconds * 1e3
             self.record = self.latest = record
         else:
-            if self.record is None:  # decoding a cache this thread did not prefill
-                self.record = KVStats(self.method.name)
-            self.record.decode_ms += fwd.seconds * 1e3
-            self.record.decode_steps += 1
+            record.decode_ms += fwd.seconds * 1e3
+            record.decode_steps += 1
         self._measure(fwd.cache)
 
     def _measure(self, cache: Any) -> None:
@@ -221,21 +210,15 @@ class KVEngine:
 
     # attention ------------------------------------------------------------------------------
     def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, real, kwargs: dict[str, Any]):
+               mask: torch.Tensor | None, real: Backend, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """One attention call (from :func:`tokenreduce.kv.attention.kv_attention`): the method's, in a layer
+        this forward's cache holds as a :class:`KVLayer`, else the real backend's."""
         fwd = self.fwd
         layer = fwd.cache.layers[module.layer_idx] if fwd is not None and fwd.cache is not None else None
         if not isinstance(layer, KVLayer):
             return real(module, query, key, value, mask, **kwargs)
-        return self.method.attend(self, module.layer_idx, layer, module, query, key, value, mask, real, kwargs)
-
-    @contextmanager
-    def timer(self):
-        start, fwd = time.perf_counter(), self.fwd
-        try:
-            yield
-        finally:
-            if fwd is not None:
-                fwd.seconds += time.perf_counter() - start
+        call = AttentionCall(module.layer_idx, layer, module, query, key, value, mask, real, kwargs)
+        return self.method.attend(fwd, call)
 
     def stats(self) -> KVStats:
         """This thread's last prefill; in a thread that ran none, the last of any thread (empty before any)."""

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..calibration import CalibrationRun
 from ..profiles import (
     check_finite_output,
     check_profile_depth,
@@ -89,19 +90,17 @@ class ShortV(Method):
         return engine.freeze(set(layers)) if layers else None
 
     @classmethod
-    def calibrate(cls, model: Any, samples: Iterable[dict[str, Any]], progress: bool = True,
+    def calibrate(cls, model: Any, samples: Iterable[dict[str, Any]], *, run: CalibrationRun, progress: bool = True,
                   **options: Any) -> dict[str, Any]:
         """Layer Contribution of every LLM layer for visual tokens, averaged over ``samples`` (dicts of
         model inputs holding images or videos, e.g. a processor's output), as a profile dict."""
         import torch
         from tqdm.auto import tqdm
 
-        from .. import api
-
         if options:
             raise TypeError(f"shortv calibration takes no options {sorted(options)}")
         samples = check_samples(samples, cls.name)
-        num_layers = len(_adapter_layers(model))
+        num_layers = run.num_layers()
         total = torch.zeros(num_layers, dtype=torch.float64)
         bar = tqdm(total=len(samples) * (num_layers + 1), desc="shortv calibration", disable=not progress)
         with torch.no_grad():
@@ -110,28 +109,19 @@ class ShortV(Method):
                 check_finite_output(dense, cls.name, index, "next-token log-probabilities")
                 bar.update()
                 for layer in range(num_layers):
-                    api.patch(model, cls(layers=(layer,)))
-                    try:
+                    with run.patched(cls(layers=(layer,))) as stats:
                         frozen = _last_log_probs(model, sample)
-                        if api.stats(model).visual_tokens_in[0] == 0:
+                        if stats().visual_tokens_in[0] == 0:
                             raise ValueError(f"shortv calibration sample {index} has no image or video tokens")
                         check_finite_output(frozen, cls.name, index, f"log-probabilities with layer {layer} frozen")
-                    finally:
-                        api.unpatch(model)
                     # KL(dense || frozen) of the last token's next-token distribution, per sample
                     kl = (dense.exp() * (dense - frozen)).sum(dim=-1).mean()
                     total[layer] += float(kl)
                     bar.update()
         bar.close()
-        return {"method": cls.name, "version": PROFILE_VERSION, "architecture": type(model).__name__,
+        return {"method": cls.name, "version": PROFILE_VERSION, "architecture": run.architecture,
                 "model_type": getattr(model.config, "model_type", None), "num_layers": num_layers,
                 "samples": len(samples), "layer_contribution": (total / len(samples)).tolist()}
-
-
-def _adapter_layers(model: Any) -> list:
-    from ..models import adapter_for
-
-    return list(adapter_for(model).layers(model))
 
 
 def _last_log_probs(model: Any, sample: dict[str, Any]):

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ...methods.options import Fraction, Integer, option
+from ..context import AttentionCall, KVForward
 from ..scores import grouped
-from .base import KVMethod
+from ..stats import KVStats
+from .base import CacheMethod
 
 
 def _bias_weights(queries: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -34,8 +36,9 @@ def _bias_weights(queries: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
 
 
 @dataclass
-class ActQKV(KVMethod):
+class ActQKV(CacheMethod):
     name: ClassVar[str] = "actqkv"
+    paper: ClassVar[str] = "arXiv 2502.13542"
     description: ClassVar[str] = "decode-time block retrieval by an activation-aware probe query, per-layer cut-off"
 
     retention: float = option(0.3, Fraction())
@@ -44,7 +47,8 @@ class ActQKV(KVMethod):
     window: int = option(64, Integer(1))
     probe: int = option(16, Integer(1))
 
-    def compress(self, engine, index, layer, query, module, fwd) -> None:
+    def compress(self, fwd: KVForward, call: AttentionCall) -> None:
+        layer, query = call.layer, call.query
         length = layer.keys.shape[2]
         end = length - self.window
         nblocks = math.ceil(max(0, end - self.sinks) / self.block)
@@ -70,28 +74,30 @@ class ActQKV(KVMethod):
         p = torch.softmax(scores * math.sqrt(d), dim=-1)
         entropy = -(p * p.clamp(min=1e-12).log()).sum(-1).mean() / math.log(nblocks)
         state["entropy"] = float(entropy)
-        fwd.memo.setdefault("actqkv_layers", []).append(index)
+        fwd.memo.setdefault("actqkv_layers", []).append(call.index)
 
     def _probe(self, state) -> torch.Tensor:
         recent = state["recent"]
         return (recent * _bias_weights(recent, state["mean"], state["std"])).sum(2)  # [B, Hkv, d]
 
-    def _cutoffs(self, engine, cache) -> None:
+    def _cutoffs(self, fwd: KVForward) -> None:
         """Blocks each layer retrieves: proportional to its prefill entropy, ``retention`` on average."""
-        layers = [cache.layers[i] for i in engine.full if "entropy" in cache.layers[i].state]
+        cache = fwd.cache
+        layers = [cache.layers[i] for i in fwd.full if "entropy" in cache.layers[i].state]
         total = sum(layer.state["entropy"] for layer in layers) or 1.0
         for layer in layers:
             nb = layer.state["block_keys"].shape[2]
             share = layer.state["entropy"] * len(layers) / total
             layer.state["k"] = max(1, min(nb, round(self.retention * nb * share)))
 
-    def attend(self, engine, index, layer, module, query, key, value, mask, real, kwargs):
+    def attend(self, fwd: KVForward, call: AttentionCall) -> tuple[torch.Tensor, Any]:
+        layer, query, key, value = call.layer, call.query, call.key, call.value
         state = layer.state
-        if engine.fwd.prefill or "block_keys" not in state:
-            return super().attend(engine, index, layer, module, query, key, value, mask, real, kwargs)
-        with engine.timer():
+        if fwd.prefill or "block_keys" not in state:
+            return super().attend(fwd, call)
+        with fwd.timer():
             if "k" not in state:
-                self._cutoffs(engine, engine.fwd.cache)
+                self._cutoffs(fwd)
             b, hkv, _, d = key.shape
             n = query.shape[2]
             q = grouped(query, hkv).float().reshape(b, hkv, -1, n, d).mean(2)
@@ -116,13 +122,13 @@ class ActQKV(KVMethod):
             pos = torch.where(ok_all, index_all, -1)
             own = layer.mask(n, query.shape[1], query.dtype, positions=pos)
             state["attended"] = int(index_all.shape[2])
-        return real(module, query, sub_k, sub_v, own, **kwargs)
+        return call.run(own, sub_k, sub_v)
 
-    def note(self, engine, fwd, record) -> None:
+    def note(self, fwd: KVForward, record: KVStats) -> None:
         record.notes["retrieval_layers"] = len(fwd.memo.get("actqkv_layers", []))
 
-    def finish(self, engine, fwd, output) -> None:
+    def finish(self, fwd: KVForward, output: Any) -> None:
         if not fwd.prefill and fwd.cache is not None:
-            layers = [fwd.cache.layers[i] for i in engine.full]
-            engine.record.notes["attended_per_layer"] = [layer.state.get("attended", layer.get_seq_length())
+            layers = [fwd.cache.layers[i] for i in fwd.full]
+            fwd.record.notes["attended_per_layer"] = [layer.state.get("attended", layer.get_seq_length())
                                                          for layer in layers]

@@ -1,29 +1,28 @@
-"""KVMethod: the base of cache-stage methods, and the default behaviour most of them share.
+"""CacheMethod: the base of cache-stage methods, and the default behaviour most of them share.
 
-A KV method sees the engine at three points: :meth:`begin` before a forward (it may rewrite the
-model's inputs or plan a prefill), :meth:`attend` in every attention call of a full-attention layer
-(by default: dense attention on a new prompt followed by :meth:`compress`, then the layer's own mask
-over what it kept), and :meth:`finish` after the forward.
+A cache method shares only its options and registration with visual methods (:class:`tokenreduce.methods.base.
+Method`). It sees the model through :mod:`tokenreduce.kv.context`, never the engine: :meth:`install` gets the
+model (:class:`KVInstall`) to add hooks; per forward, :meth:`begin` (it may rewrite the model's inputs or plan
+a prefill), :meth:`attend` in every attention call of a full-attention layer (by default: dense attention on a
+new prompt followed by :meth:`compress`, then the layer's own mask over what it kept), :meth:`finish` after
+the forward and :meth:`note` for a prefill's statistics, each with the forward's :class:`KVForward`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from ...methods.base import Method
-
-if TYPE_CHECKING:
-    from ..cache import KVLayer
-    from ..engine import Forward, KVEngine
-    from ..model import TextParts
+from ..context import AttentionCall, KVForward, KVInstall
+from ..model import TextParts
+from ..stats import KVStats
 
 
 @dataclass
-class KVMethod(Method):
+class CacheMethod(Method):
     """A method run by :class:`tokenreduce.kv.engine.KVEngine`."""
 
     stages: ClassVar[tuple[str, ...]] = ("cache",)
@@ -37,34 +36,34 @@ class KVMethod(Method):
             raise TypeError(f"{self.name} works on text LLMs (token ids in, 1-D RoPE); the language model of a "
                             "vision-language model is supported by snapkv, streamingllm, actqkv and interlayer")
 
-    def install(self, engine: KVEngine) -> None:
-        """Extra hooks (added with ``engine.add_handle``) beyond the cache layer and attention function."""
+    def install(self, ctx: KVInstall) -> None:
+        """Extra hooks (added with ``ctx.add_hook``) beyond the cache layer and attention function."""
 
-    def uninstall(self, engine: KVEngine) -> None:
-        """Undo what :meth:`install` did besides its handles."""
+    def uninstall(self, ctx: KVInstall) -> None:
+        """Undo what :meth:`install` did besides its hooks."""
 
-    def note(self, engine: KVEngine, fwd: Forward, record: Any) -> None:
+    def note(self, fwd: KVForward, record: KVStats) -> None:
         """Add this method's figures to the prefill's :class:`KVStats`."""
 
-    def begin(self, engine: KVEngine, fwd: Forward) -> None:
+    def begin(self, fwd: KVForward) -> None:
         """Before a forward (``fwd.kwargs`` are the model's keyword arguments and may be rewritten)."""
 
-    def finish(self, engine: KVEngine, fwd: Forward, output: Any) -> None:
+    def finish(self, fwd: KVForward, output: Any) -> None:
         """After a forward."""
 
-    def compress(self, engine: KVEngine, index: int, layer: KVLayer, query: torch.Tensor, module: nn.Module,
-                 fwd: Forward) -> None:
-        """After dense attention over a new prompt: shrink ``layer`` (default: keep everything)."""
+    def compress(self, fwd: KVForward, call: AttentionCall) -> None:
+        """After dense attention over a new prompt: shrink ``call.layer`` (default: keep everything)."""
 
-    def attend(self, engine: KVEngine, index: int, layer: KVLayer, module: nn.Module, query: torch.Tensor,
-               key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, real, kwargs: dict[str, Any]):
-        fwd = engine.fwd
+    def attend(self, fwd: KVForward, call: AttentionCall) -> tuple[torch.Tensor, Any]:
+        """The attention of ``call`` (the engine calls it only for a layer it adopted, inside a forward)."""
+        layer = call.layer
         if fwd.prefill and not layer.compressed:
-            out = real(module, query, key, value, mask, **kwargs)
-            with engine.timer():
-                self.compress(engine, index, layer, query, module, fwd)
+            out = call.run(call.mask)
+            with fwd.timer():
+                self.compress(fwd, call)
             return out
+        mask = call.mask
         if layer.compressed:
-            with engine.timer():
-                mask = layer.mask(query.shape[2], query.shape[1], query.dtype)
-        return real(module, query, key, value, mask, **kwargs)
+            with fwd.timer():
+                mask = layer.mask(call.query.shape[2], call.query.shape[1], call.query.dtype)
+        return call.run(mask)

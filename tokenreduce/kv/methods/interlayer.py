@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ...calibration import CalibrationRun
 from ...methods.base import check_fraction, check_layer
 from ...methods.options import Fraction, Integer, option
 from ...profiles import (
@@ -32,48 +33,37 @@ from ...profiles import (
     profile_error,
     profile_source,
 )
+from ..context import AttentionCall, KVForward, KVInstall
 from ..model import text_parts
 from ..scores import grouped
-from .base import KVMethod
+from ..stats import KVStats
+from .base import CacheMethod
 
 
-def _observe(model, samples, queries: int) -> list[list[torch.Tensor]]:
+def _observe(run: CalibrationRun, samples: list[dict[str, Any]], queries: int) -> list[list[torch.Tensor]]:
     """Per sample, per layer: attention ``[Hq, n, L]`` of the last ``queries`` rows (float32)."""
-    from ..attention import ATTR, kv_attention  # transformers loads only when calibrating
-
-    parts = text_parts(model)
+    parts = text_parts(run.model)
     found: dict[int, torch.Tensor] = {}
 
-    class Observer:
-        def attend(self, module, query, key, value, mask, real, kwargs):
-            n = min(queries, query.shape[2])
-            hkv, length = key.shape[1], key.shape[2]
-            q = grouped(query[:, :, -n:], hkv).float()
-            logits = torch.matmul(q, key.float().transpose(-1, -2)) * module.scaling
-            qpos = torch.arange(length - n, length, device=key.device).repeat(query.shape[1] // hkv)
-            logits = logits.masked_fill(torch.arange(length, device=key.device) > qpos[:, None], float("-inf"))
-            found[module.layer_idx] = torch.softmax(logits, -1)[0].reshape(query.shape[1], n, length)
-            return real(module, query, key, value, mask, **kwargs)
+    def observe(module, query, key, value, mask, real, kwargs):
+        n = min(queries, query.shape[2])
+        hkv, length = key.shape[1], key.shape[2]
+        q = grouped(query[:, :, -n:], hkv).float()
+        logits = torch.matmul(q, key.float().transpose(-1, -2)) * module.scaling
+        qpos = torch.arange(length - n, length, device=key.device).repeat(query.shape[1] // hkv)
+        logits = logits.masked_fill(torch.arange(length, device=key.device) > qpos[:, None], float("-inf"))
+        found[module.layer_idx] = torch.softmax(logits, -1)[0].reshape(query.shape[1], n, length)
+        return real(module, query, key, value, mask, **kwargs)
 
-    original = parts.config._attn_implementation
-    observer = Observer()
-    parts.config._attn_implementation = kv_attention(original)
-    for layer in parts.layers:
-        setattr(layer.self_attn, ATTR, observer)
     out = []
-    try:
-        with torch.no_grad():
-            for index, sample in enumerate(samples):
-                found.clear()
-                model(**sample, use_cache=False)
-                attention = [found[i] for i in range(parts.num_layers)]
-                for layer, probs in enumerate(attention):
-                    check_finite_output(probs, "interlayer", index, f"attention probabilities in layer {layer}")
-                out.append(attention)
-    finally:
-        for layer in parts.layers:
-            delattr(layer.self_attn, ATTR)
-        parts.config._attn_implementation = original
+    with run.observe_attention(observe), torch.no_grad():
+        for index, sample in enumerate(samples):
+            found.clear()
+            run.model(**sample, use_cache=False)
+            attention = [found[i] for i in range(parts.num_layers)]
+            for layer, probs in enumerate(attention):
+                check_finite_output(probs, "interlayer", index, f"attention probabilities in layer {layer}")
+            out.append(attention)
     return out
 
 
@@ -106,8 +96,9 @@ def check_groups(groups: Any, num_layers: int, where: str) -> None:
 
 
 @dataclass
-class InterLayer(KVMethod):
+class InterLayer(CacheMethod):
     name: ClassVar[str] = "interlayer"
+    paper: ClassVar[str] = "arXiv 2412.02252 (PoD)"
     description: ClassVar[str] = "calibrated: layers with similar attention share distant tokens' keys (PoD)"
 
     profile: dict | str | None = None  # checked by validate (schema, groups) and check_llm (depth)
@@ -123,14 +114,14 @@ class InterLayer(KVMethod):
         check_groups(self.profile.get("groups"), self.profile["num_layers"], self.profile_source)
 
     @classmethod
-    def calibrate(cls, model: Any, samples: Any, threshold: float = 0.5, max_group: int = 4, queries: int = 16
-                  ) -> dict[str, Any]:
+    def calibrate(cls, model: Any, samples: Any, *, run: CalibrationRun, threshold: float = 0.5, max_group: int = 4,
+                  queries: int = 16) -> dict[str, Any]:
         """Group adjacent layers whose attention of the last ``queries`` tokens is similar on ``samples``."""
         check_fraction("threshold", threshold)
         check_layer("max_group", max_group, 1)
         check_layer("queries", queries, 1)
         parts = text_parts(model)
-        observed = _observe(model, check_samples(samples, cls.name), queries)
+        observed = _observe(run, check_samples(samples, cls.name), queries)
         n = parts.num_layers
         sims = [sum(_similarity(s[i], s[i + 1]) for s in observed) / len(observed) for i in range(n - 1)]
         full = set(parts.full_attention_layers())
@@ -141,7 +132,7 @@ class InterLayer(KVMethod):
                 last.append(i + 1)
             else:
                 groups.append([i + 1])
-        return {"method": cls.name, "architecture": type(model).__name__, "num_layers": n,
+        return {"method": cls.name, "architecture": run.architecture, "num_layers": n,
                 "groups": groups, "similarity": [round(s, 4) for s in sims], "threshold": threshold,
                 "max_group": max_group, "samples": len(observed)}
 
@@ -153,10 +144,10 @@ class InterLayer(KVMethod):
         if len(parts.full_attention_layers()) != parts.num_layers:
             raise TypeError("interlayer needs every layer to use full attention; this model has sliding layers")
 
-    def install(self, engine) -> None:
-        if self.profile.get("architecture") != type(engine.model).__name__:
+    def install(self, ctx: KVInstall) -> None:
+        if self.profile.get("architecture") != ctx.architecture:
             raise ValueError(f"interlayer: {self.profile_source} was calibrated on {self.profile.get('architecture')}, "
-                             f"not {type(engine.model).__name__}; calibrate it on this model")
+                             f"not {ctx.architecture}; calibrate it on this model")
         self.owner = {i: g[0] for g in self.profile["groups"] if len(g) > 1 for i in g}
 
     def _distant(self, length: int) -> tuple[int, int]:
@@ -164,7 +155,8 @@ class InterLayer(KVMethod):
         recent = max(0, proximal - self.sinks)
         return min(self.sinks, length), max(min(self.sinks, length), length - recent)
 
-    def compress(self, engine, index, layer, query, module, fwd) -> None:
+    def compress(self, fwd: KVForward, call: AttentionCall) -> None:
+        index, layer, query = call.index, call.layer, call.query
         owner = self.owner.get(index)
         start, end = self._distant(layer.keys.shape[2])
         if owner is None or self.retention >= 1.0 or end <= start:
@@ -183,23 +175,24 @@ class InterLayer(KVMethod):
             layer.state["distant_valid"] = valid
         layer.compressed = True
 
-    def attend(self, engine, index, layer, module, query, key, value, mask, real, kwargs):
-        fwd = engine.fwd
+    def attend(self, fwd: KVForward, call: AttentionCall) -> tuple[torch.Tensor, Any]:
+        index, layer, query, key, value = call.index, call.layer, call.query, call.key, call.value
+        scaling = call.module.scaling
         if fwd.prefill or "distant" not in layer.state:
-            return super().attend(engine, index, layer, module, query, key, value, mask, real, kwargs)
+            return super().attend(fwd, call)
         owner = self.owner[index]
         start, end = layer.state["distant"]
         hkv, n = key.shape[1], query.shape[2]
         if owner == index:
             q = grouped(query, hkv)
-            fwd.memo[("interlayer", owner)] = torch.matmul(q, key[:, :, start:end].transpose(-1, -2)) * module.scaling
-            return real(module, query, key, value, mask, **kwargs)
-        with engine.timer():
+            fwd.memo[("interlayer", owner)] = torch.matmul(q, key[:, :, start:end].transpose(-1, -2)) * scaling
+            return call.run(call.mask)
+        with fwd.timer():
             shared = fwd.memo[("interlayer", owner)]  # [B, Hkv, g*n, D]
             if "distant_valid" in layer.state:
                 hidden = ~layer.state["distant_valid"][:, None, None, :]
                 shared = shared.masked_fill(hidden, torch.finfo(shared.dtype).min)
-            own = torch.matmul(grouped(query, hkv), key.transpose(-1, -2)) * module.scaling
+            own = torch.matmul(grouped(query, hkv), key.transpose(-1, -2)) * scaling
             own = own + layer.mask(n, 1, own.dtype).repeat(1, 1, query.shape[1] // hkv, 1)  # rows in (g, n) order
             probs = torch.softmax(torch.cat([shared, own], dim=-1).float(), dim=-1).to(value.dtype)
             out = torch.matmul(probs, value)  # [B, Hkv, g*n, d]
@@ -207,5 +200,5 @@ class InterLayer(KVMethod):
             out = out.reshape(b, hq, n, -1).transpose(1, 2).contiguous()
         return out, None
 
-    def note(self, engine, fwd, record) -> None:
+    def note(self, fwd: KVForward, record: KVStats) -> None:
         record.notes["groups"] = self.profile["groups"]

@@ -23,6 +23,7 @@ server sends requests one by one, each in its namespace block; the store and the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
@@ -31,10 +32,12 @@ import torch
 from torch import nn
 
 from ...methods.options import Flag, Fraction, Layer, Number, Text, option
-from ..model import inv_freq, rotate
+from ..context import AttentionCall, KVForward, KVInstall
+from ..model import TextParts, inv_freq, rotate
 from ..namespace import current_namespace
+from ..stats import KVStats
 from ..store import KVStore
-from .base import KVMethod
+from .base import CacheMethod
 
 
 def mix_positions(embeds: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,8 +86,9 @@ class Plan:
 
 
 @dataclass
-class SemShare(KVMethod):
+class SemShare(CacheMethod):
     name: ClassVar[str] = "semshare"
+    paper: ClassVar[str] = "arXiv 2509.24832 (SemShareKV)"
     description: ClassVar[str] = "reuse a similar earlier prompt's KV (LSH token matching), recompute what deviates"
     text_only: ClassVar[bool] = True
     retired: ClassVar[dict[str, str]] = {
@@ -115,10 +119,10 @@ class SemShare(KVMethod):
         if len(parts.full_attention_layers()) != parts.num_layers:
             raise TypeError("semshare needs every layer to use full attention; this model has sliding-window layers")
 
-    def model_key(self, engine) -> str:
+    def model_key(self, fingerprint: Callable[[], str]) -> str:
         """Which model's KV an entry holds: ``model_id`` if given (the caller vouches that equal ids compute
         equal KV), else the fingerprint of the weights and config that produce K/V."""
-        return f"id:{self.model_id}" if self.model_id is not None else f"fp:{engine.fingerprint}"
+        return f"id:{self.model_id}" if self.model_id is not None else f"fp:{fingerprint()}"
 
     def fractions(self, num_layers: int) -> list[float]:
         """Fraction of the prompt each layer runs: 1 up to the check layer, then ``c * decay**k`` with mean
@@ -129,12 +133,12 @@ class SemShare(KVMethod):
         return [1.0] * first + [min(1.0, c * w) for w in weights]
 
     # hooks ----------------------------------------------------------------------------------
-    def install(self, engine) -> None:
-        self.model_key(engine)  # fingerprint now, not in the first request
-        for i, layer in enumerate(engine.parts.layers):
-            engine.add_handle(layer.register_forward_pre_hook(partial(self._before_layer, engine, i), with_kwargs=True))
+    def install(self, ctx: KVInstall) -> None:
+        self.model_key(lambda: ctx.fingerprint)  # fingerprint now, not in the first request
+        for i, layer in enumerate(ctx.parts.layers):
+            ctx.add_hook(layer.register_forward_pre_hook(partial(self._before_layer, ctx, i), with_kwargs=True))
 
-    def begin(self, engine, fwd) -> None:
+    def begin(self, fwd: KVForward) -> None:
         fwd.memo.pop("semshare", None)
         if not fwd.prefill or fwd.cache is None:
             return
@@ -148,13 +152,13 @@ class SemShare(KVMethod):
         if fwd.valid is not None and not bool(fwd.valid.all()):
             raise ValueError("semshare needs an unpadded prompt")
         with torch.no_grad():
-            sig = self.store.signatures(mix_positions(engine.parts.embed(ids)[0], self.position_scale))
+            sig = self.store.signatures(mix_positions(fwd.parts.embed(ids)[0], self.position_scale))
         fwd.memo["signatures"] = sig
         length = ids.shape[1]
         match = None
         if self.retention < 1.0 and length > 1:
             bits = int(self.max_distance * self.store.bits)
-            match = self.store.best(namespace, self.model_key(engine), sig, bits)
+            match = self.store.best(namespace, self.model_key(fwd.fingerprint), sig, bits)
         fwd.memo["match_rate"] = 0.0
         if match is None:
             return
@@ -165,19 +169,19 @@ class SemShare(KVMethod):
         if match.rate < self.min_match:
             return
         pos = torch.arange(length, device=ids.device)
-        fwd.memo["semshare"] = Plan(index, (pos - index)[None], match.matched, self.fractions(engine.parts.num_layers),
+        fwd.memo["semshare"] = Plan(index, (pos - index)[None], match.matched, self.fractions(fwd.parts.num_layers),
                                     match.entry)
 
-    def _before_layer(self, engine, i: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        fwd = engine.fwd
+    def _before_layer(self, ctx: KVInstall, i: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        fwd = ctx.current()
         plan = fwd.memo.get("semshare") if fwd is not None else None
         if plan is None:
             return None
         layer = fwd.cache.layers[i]
-        layer.pending = partial(self._write, engine, plan, i)
+        layer.pending = partial(self._write, fwd, plan, i)
         if i <= self.check_layer:
             return None
-        with engine.timer():
+        with fwd.timer():
             length = plan.index.shape[0]
             count = max(1, math.ceil(plan.fractions[i] * length - 1e-9))
             rows = plan.deviation.topk(min(count, length)).indices.sort().values
@@ -194,21 +198,21 @@ class SemShare(KVMethod):
                 kwargs["position_ids"] = kwargs["position_ids"][..., rows]
         return (hidden[:, local],), kwargs
 
-    def _reference(self, engine, plan: Plan, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference(self, parts: TextParts, plan: Plan, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys = plan.entry.keys[i].to(like.device)[None][:, :, plan.index]
         values = plan.entry.values[i].to(like.device)[None][:, :, plan.index]
-        return rotate(keys, plan.delta, inv_freq(engine.parts).to(like.device)).to(like.dtype), values.to(like.dtype)
+        return rotate(keys, plan.delta, inv_freq(parts).to(like.device)).to(like.dtype), values.to(like.dtype)
 
-    def _write(self, engine, plan: Plan, i: int, layer, key: torch.Tensor, value: torch.Tensor):
+    def _write(self, fwd: KVForward, plan: Plan, i: int, layer, key: torch.Tensor, value: torch.Tensor):
         """Layer ``i``'s prefill: the reference KV for every token, the computed rows written over it."""
-        with engine.timer():
+        with fwd.timer():
             length = plan.index.shape[0]
             if not layer.is_initialized:
                 layer.lazy_initialization(key, value)
             if i < self.check_layer:
                 full_k, full_v = key, value
             elif i == self.check_layer:
-                ref_k, ref_v = self._reference(engine, plan, i, key)
+                ref_k, ref_v = self._reference(fwd.parts, plan, i, key)
                 dev = ((key - ref_k).float().norm(dim=-1) / key.float().norm(dim=-1).clamp(min=1e-6)).mean(dim=(0, 1))
                 dev = dev + ((value - ref_v).float().norm(dim=-1) / value.float().norm(dim=-1).clamp(min=1e-6)
                              ).mean(dim=(0, 1))
@@ -217,35 +221,35 @@ class SemShare(KVMethod):
                 plan.deviation = dev
                 full_k, full_v = key, value
             else:
-                full_k, full_v = self._reference(engine, plan, i, key)
+                full_k, full_v = self._reference(fwd.parts, plan, i, key)
                 rows = plan.rows[i]
                 full_k[:, :, rows], full_v[:, :, rows] = key, value
             layer.keys, layer.values = full_k, full_v
             layer.append_positions(torch.arange(length, device=key.device).expand(key.shape[0], 1, -1), length)
         return layer.keys, layer.values
 
-    def attend(self, engine, index, layer, module, query, key, value, mask, real, kwargs):
-        fwd = engine.fwd
+    def attend(self, fwd: KVForward, call: AttentionCall) -> tuple[torch.Tensor, Any]:
+        query, key = call.query, call.key
         plan = fwd.memo.get("semshare") if fwd.prefill else None
-        if plan is None or index <= self.check_layer:
-            return real(module, query, key, value, mask, **kwargs)
-        rows = plan.rows[index]
+        if plan is None or call.index <= self.check_layer:
+            return call.run(call.mask)
+        rows = plan.rows[call.index]
         allowed = torch.arange(key.shape[2], device=key.device)[None, :] <= rows[:, None]
         zero = torch.zeros((), dtype=query.dtype, device=query.device)
         own = torch.where(allowed, zero, torch.finfo(query.dtype).min)[None, None]
-        return real(module, query, key, value, own, **kwargs)
+        return call.run(own)
 
-    def finish(self, engine, fwd, output) -> None:
+    def finish(self, fwd: KVForward, output: Any) -> None:
         if not fwd.prefill or fwd.cache is None or "signatures" not in fwd.memo:
             return
         if self.save and "semshare" not in fwd.memo:
-            layers = fwd.cache.layers[: engine.parts.num_layers]
-            self.store.add(fwd.memo["namespace"], self.model_key(engine), fwd.memo["signatures"],
+            layers = fwd.cache.layers[: fwd.parts.num_layers]
+            self.store.add(fwd.memo["namespace"], self.model_key(fwd.fingerprint), fwd.memo["signatures"],
                            [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
 
-    def note(self, engine, fwd, record) -> None:
+    def note(self, fwd: KVForward, record: KVStats) -> None:
         plan = fwd.memo.get("semshare")
-        length, n = fwd.length, engine.parts.num_layers
+        length, n = fwd.length, fwd.parts.num_layers
         rows = [int(plan.rows[i].numel()) if plan is not None and i in plan.rows else length for i in range(n)]
         record.computed_rows = rows
         record.reuse_rate = 1.0 - sum(rows) / (length * n)

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ...methods.options import Fraction, Integer, Number, option
+from ..context import AttentionCall, KVForward
 from ..select import budgets
-from .base import KVMethod
+from ..stats import KVStats
+from .base import CacheMethod
 
 
 def merge_plan(embeds: torch.Tensor, valid: torch.Tensor, retention: float, context: int, density_weight: float,
@@ -57,8 +59,9 @@ def merge_plan(embeds: torch.Tensor, valid: torch.Tensor, retention: float, cont
 
 
 @dataclass
-class SemToken(KVMethod):
+class SemToken(CacheMethod):
     name: ClassVar[str] = "semtoken"
+    paper: ClassVar[str] = "arXiv 2508.15190"
     description: ClassVar[str] = "merge semantically redundant adjacent tokens before the LLM, original positions"
     stages: ClassVar[tuple[str, ...]] = ("embed",)
     text_only: ClassVar[bool] = True
@@ -73,7 +76,7 @@ class SemToken(KVMethod):
         if len(parts.full_attention_layers()) != parts.num_layers:
             raise TypeError("semtoken needs every layer to use full attention; this model has sliding layers")
 
-    def begin(self, engine, fwd) -> None:
+    def begin(self, fwd: KVForward) -> None:
         if not fwd.prefill or self.retention >= 1.0:
             return
         kw = fwd.kwargs
@@ -85,7 +88,7 @@ class SemToken(KVMethod):
             raise ValueError("semtoken needs input_ids (it merges token embeddings), not inputs_embeds")
         length = ids.shape[1]
         valid = fwd.valid if fwd.valid is not None else torch.ones_like(ids, dtype=torch.bool)
-        embeds = engine.parts.embed(ids)
+        embeds = fwd.parts.embed(ids)
         joins = merge_plan(embeds, valid, self.retention, self.context, self.density_weight, self.sinks)
         starts = valid & ~joins
         run = starts.long().cumsum(-1) - 1  # run index of every token (padding: before its first run)
@@ -114,25 +117,23 @@ class SemToken(KVMethod):
         kw["position_ids"] = torch.where(rows_ok, new_pos, 1)
         fwd.memo["semtoken"] = (length, width)
         if fwd.cache is not None:
-            for i in engine.full:
+            for i in fwd.full:
                 fwd.cache.layers[i].pending = partial(_write, column[:, None, :], length)
 
-    def attend(self, engine, index, layer, module, query, key, value, mask, real, kwargs):
-        if engine.fwd.prefill:  # the model's own mask over the merged rows
-            return real(module, query, key, value, mask, **kwargs)
-        return super().attend(engine, index, layer, module, query, key, value, mask, real, kwargs)
+    def attend(self, fwd: KVForward, call: AttentionCall) -> tuple[torch.Tensor, Any]:
+        if fwd.prefill:  # the model's own mask over the merged rows
+            return call.run(call.mask)
+        return super().attend(fwd, call)
 
-    def note(self, engine, fwd, record) -> None:
+    def note(self, fwd: KVForward, record: KVStats) -> None:
         length, width = fwd.memo.get("semtoken", (fwd.length, fwd.length))
-        record.computed_rows = [width] * engine.parts.num_layers
+        record.computed_rows = [width] * fwd.parts.num_layers
         record.notes["tokens_in"], record.notes["rows_after_merge"] = length, width
 
 
 def _write(column: torch.Tensor, length: int, layer, key: torch.Tensor, value: torch.Tensor):
     """The merged prefill's cache: rows stored as computed, each at its run's first original column."""
-    from transformers.cache_utils import DynamicLayer
-
-    out = DynamicLayer.update(layer, key, value)
+    out = layer.store(key, value)
     layer.append_positions(column, length)
     layer.compressed = True
     return out

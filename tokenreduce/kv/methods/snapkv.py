@@ -37,10 +37,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...methods.options import Choice, Fraction, Integer, option
+from ...methods.options import Choice, Integer, option
+from ..context import AttentionCall, KVForward
 from ..scores import window_scores
-from ..select import budgets, top_entries
-from .base import KVMethod
+from .scorer import ScorerMethod
 
 POOLS = ("prompt", "official")
 
@@ -60,11 +60,11 @@ def pool_scores(score: torch.Tensor, valid: torch.Tensor, kernel: int, window: i
 
 
 @dataclass
-class SnapKV(KVMethod):
+class SnapKV(ScorerMethod):
     name: ClassVar[str] = "snapkv"
+    paper: ClassVar[str] = "arXiv 2404.14469 (SnapKV, NeurIPS 2024)"
     description: ClassVar[str] = "baseline: keep each KV head's prompt entries most attended by the last queries"
 
-    retention: float = option(0.3, Fraction())
     window: int = option(32, Integer(1))
     kernel: int = option(5, Integer(1))
     pool: str = option("prompt", Choice(POOLS))
@@ -73,18 +73,14 @@ class SnapKV(KVMethod):
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (a centred pooling window), got {self.kernel}")
 
-    def compress(self, engine, index, layer, query, module, fwd) -> None:
-        if self.retention >= 1.0:
-            return
-        key = layer.keys
+    def minimum(self, length: int) -> int:
+        return min(self.window, length)  # the observation window
+
+    def score(self, fwd: KVForward, call: AttentionCall, valid: torch.Tensor) -> torch.Tensor:
+        key = call.layer.keys
         length = key.shape[2]
-        valid = fwd.valid if fwd.valid is not None else torch.ones(key.shape[0], length, dtype=torch.bool,
-                                                                   device=key.device)
         window = min(self.window, length)
-        score = window_scores(query, key, window, module.scaling, valid)  # [B, Hkv, L]
+        score = window_scores(call.query, key, window, call.module.scaling, valid)  # [B, Hkv, L]
         score = pool_scores(score, valid, self.kernel, window, self.pool)
         score[..., length - window:] = float("inf")  # the observation window is always kept
-        score = score.masked_fill(~valid[:, None, :], float("-inf"))
-        keep = budgets(self.retention, valid, minimum=min(window, length))
-        index, ok = top_entries(score, keep)
-        layer.keep(index, ok)
+        return score

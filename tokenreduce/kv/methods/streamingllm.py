@@ -13,29 +13,25 @@ from typing import ClassVar
 
 import torch
 
-from ...methods.options import Fraction, Integer, option
-from ..select import budgets, top_entries
-from .base import KVMethod
+from ...methods.options import Integer, option
+from ..context import AttentionCall, KVForward
+from .scorer import ScorerMethod
 
 
 @dataclass
-class StreamingLLM(KVMethod):
+class StreamingLLM(ScorerMethod):
     name: ClassVar[str] = "streamingllm"
+    paper: ClassVar[str] = "arXiv 2309.17453 (StreamingLLM, ICLR 2024)"
     description: ClassVar[str] = "baseline: keep attention sinks and a recent window of the prompt's KV cache"
 
-    retention: float = option(0.3, Fraction())
     sinks: int = option(4, Integer(0))
 
-    def compress(self, engine, index, layer, query, module, fwd) -> None:
-        if self.retention >= 1.0:
-            return
-        length = layer.keys.shape[2]
-        valid = fwd.valid if fwd.valid is not None else torch.ones(layer.keys.shape[0], length, dtype=torch.bool,
-                                                                   device=layer.keys.device)
-        keep = budgets(self.retention, valid, minimum=self.sinks + 1)
+    def minimum(self, length: int) -> int:
+        return self.sinks + 1
+
+    def score(self, fwd: KVForward, call: AttentionCall, valid: torch.Tensor) -> torch.Tensor:
+        length = valid.shape[1]
         order = valid.long().cumsum(-1) - 1  # rank of each real token inside its sample
         score = torch.arange(length, device=valid.device, dtype=torch.float32).expand_as(order).clone()
         score = torch.where(order < self.sinks, float(length) + 1.0, score)  # sinks beat any recent token
-        score = score.masked_fill(~valid, float("-inf"))
-        index, ok = top_entries(score[:, None, :], keep)
-        layer.keep(index, ok)
+        return score[:, None, :]  # one row for every KV head

@@ -9,17 +9,13 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import last_logits, sample_of, video_inputs
+from method_matrix import MATRIX, contract, options_for
 
 import tokenreduce
-from tokenreduce.methods import Method, Selection, Step
+from tokenreduce.methods import REGISTRY, Method, Selection, Step
 from tokenreduce.testing import make_frames, make_inputs, tiny_model
 
-METHODS = [("framefusion", {"retention": 0.3}), ("fastv", {"retention": 0.5}), ("aim", {"retention": 0.5}),
-           ("evs", {"retention": 0.5}), ("pyramiddrop", {"retention": 0.5}), ("sms", {"retention": 0.5}),
-           ("visionzip", {"retention": 0.5})]
-IDENTITY = [("framefusion", {}), ("fastv", {}), ("aim", {"prune": False}), ("evs", {}), ("pyramiddrop", {}),
-            ("sms", {"knee": "slope", "slope": 1e-9, "second_round": False}), ("shortv", {"frozen_fraction": 0.0}),
-            ("visionzip", {})]
+METHODS = sorted(REGISTRY)  # every registered method; tests/method_matrix.py says how each one runs
 
 
 @dataclass
@@ -37,20 +33,15 @@ class DropRows(Method):
         return Selection.keep(step.valid & ~torch.isin(step.rows, torch.tensor(self.drop)))
 
 
-@pytest.mark.parametrize("name, options", IDENTITY)
-def test_retention_one_is_identity(family, name, options):
+@pytest.mark.parametrize("name", METHODS)
+def test_retention_one_is_identity(family, name):
+    options = options_for(name, "identity", family)
     model = tiny_model(family)
     inputs = video_inputs(model, n=2, text_lens=[5, 9])
     with torch.no_grad():
         dense = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        if name != "shortv":
-            options = {"retention": 1.0, **options}
-        else:  # a profile whose frozen_fraction 0 freezes no layer
-            depth = getattr(model.config, "text_config", model.config).num_hidden_layers
-            options = {"profile": {"method": "shortv", "architecture": type(model).__name__, "num_layers": depth,
-                                   "layer_contribution": [0.0] * depth}, **options}
-        tokenreduce.patch(model, name, **options)
+        tokenreduce.patch(model, name, **(options(model) if callable(options) else options))
         out = model(**inputs).logits
         assert torch.allclose(out, dense, atol=1e-5, rtol=0)
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen)
@@ -148,8 +139,9 @@ def test_qwen_decode_positions_match_dense(family):
     assert all(torch.equal(a, b) for a, b in zip(dense, reduced, strict=True))
 
 
-@pytest.mark.parametrize("name, options", METHODS)
-def test_batch_equals_singles(family, name, options):
+@pytest.mark.parametrize("name", METHODS)
+def test_batch_equals_singles(family, name):
+    options = options_for(name, "reduce", family)
     model = tiny_model(family)
     videos = [make_frames(8, seed=3), make_frames(8, seed=4)]
     lens = [4, 11]
@@ -165,8 +157,9 @@ def test_batch_equals_singles(family, name, options):
         assert [[i - pad[b] for i in layer] for layer in kept[b]] == alone
 
 
-@pytest.mark.parametrize("name, options", METHODS)
-def test_eager_and_sdpa_select_the_same_tokens(name, options):
+@pytest.mark.parametrize("name", METHODS)
+def test_eager_and_sdpa_select_the_same_tokens(name):
+    options = options_for(name, "reduce", "qwen2_5_vl")
     kept = []
     for impl in ("sdpa", "eager"):
         model = tiny_model("qwen2_5_vl", attn_implementation=impl)
@@ -191,8 +184,9 @@ def test_bf16_selection_matches_fp32_up_to_near_ties():
     assert len(sets[0] & sets[1]) / len(sets[0] | sets[1]) > 0.8
 
 
-@pytest.mark.parametrize("name, options", METHODS)
-def test_reduction_is_real_in_layers_and_cache(family, name, options):
+@pytest.mark.parametrize("name", METHODS)
+def test_reduction_is_real_in_layers_and_cache(family, name):
+    options = options_for(name, "reduce", family)
     model = tiny_model(family)
     inputs = video_inputs(model)
     tokenreduce.patch(model, name, **options)
@@ -292,3 +286,11 @@ def test_last_prompt_token_is_never_removed(name):
         model(**inputs)
     last = inputs["input_ids"].shape[1] - 1
     assert all(rows[-1] == last for rows in tokenreduce.stats(model).kept_indices[0])
+
+
+def test_the_method_matrix_lists_exactly_the_registered_methods():
+    """A registered method missing from tests/method_matrix.py fails every contract test (above); an entry
+    for a method that no longer exists is an error too."""
+    assert sorted(MATRIX) == METHODS
+    with pytest.raises(pytest.fail.Exception, match="'nosuch' is registered but not in tests/method_matrix.py"):
+        contract("nosuch")

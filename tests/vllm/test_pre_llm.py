@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenreduce_vllm import settings
 
-from tokenreduce.methods.aim import aim_frame_count
+from tokenreduce.methods import REGISTRY
+from tokenreduce.methods.aim import aim_frame_count, aim_merge
+from tokenreduce.methods.base import Method
+from tokenreduce.methods.capabilities import PreLLM
 from tokenreduce.methods.evs import evs_keep
-from tokenreduce.methods.pre_llm import (
-    PRE_LLM_METHODS,
-    aim_merge,
-    framefusion_count,
-    framefusion_merge,
-    reduce_video,
-    sms_keep,
-    video_token_count,
-)
+from tokenreduce.methods.framefusion import framefusion_count, framefusion_merge
+from tokenreduce.methods.pre_llm import pre_llm_methods, reduce_video, video_token_count
+from tokenreduce.methods.sms import sms_keep
 
 
 def _video(frames=6, cells=5, dim=8, seed=0):
@@ -24,7 +22,7 @@ def _video(frames=6, cells=5, dim=8, seed=0):
     return torch.randn(frames, cells, dim, generator=g)
 
 
-@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+@pytest.mark.parametrize("method", pre_llm_methods())
 @pytest.mark.parametrize("retention", [0.1, 0.37, 0.5, 1.0])
 @pytest.mark.parametrize("cells", [1, 5, 12])
 def test_count_fixed_in_advance(method, retention, cells):
@@ -97,3 +95,61 @@ def test_bad_input():
         reduce_video("evs", torch.zeros(4, 8), 0.5)
     with pytest.raises(ValueError, match="retention must be a number in"):
         reduce_video("framefusion", _video(), 0.0)
+
+
+def test_the_pre_llm_methods_are_the_classes_declaring_it_in_their_declared_order():
+    """The order is each method's index in the vLLM plugin's per-video settings tensor and the order of its
+    messages: these four, as before the capability was declared on the classes."""
+    assert pre_llm_methods() == ("evs", "framefusion", "aim", "sms")
+    assert [REGISTRY[m].pre_llm.default_retention for m in pre_llm_methods()] == [0.3, 0.3, 0.25, 0.3]
+    orders = [c.pre_llm.order for c in REGISTRY.values() if getattr(c, "pre_llm", None) is not None]
+    assert len(orders) == len(set(orders))
+    assert settings.supported().startswith("evs (retention in (0, 1], default 0.3), framefusion ")
+    for i, method in enumerate(pre_llm_methods()):
+        row = settings.Settings(method, 0.37).to_tensor(2)
+        assert row[:, 0].tolist() == [i, i] and settings.Settings.from_tensor(row[1]) == settings.Settings(method, 0.37)
+
+
+def test_in_llm_options_name_what_the_pre_llm_form_leaves_out():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) merge_layers \(vLLM runs FrameFusion's merge stage"):
+        settings.parse({"method": "framefusion", "merge_layers": 2})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) prune$"):  # EVS leaves nothing out: no note
+        settings.parse({"method": "evs", "prune": True})
+
+
+class KeepFirstFrame(Method):
+    """A pre-LLM method declared outside tokenreduce: keeps the first ``count`` tokens in frame order."""
+
+    name = "keep-first"
+    stages = ("embed",)
+    pre_llm = PreLLM(order=99, count=lambda frames, cells, retention: cells,
+                     select=lambda video, retention: (torch.arange(video.shape[0])[:, None].expand(
+                         video.shape[:2]) == 0, video),
+                     default_retention=0.5, note="keeps the first frame only")
+
+
+def test_a_method_declaring_pre_llm_is_served_with_no_other_edit(monkeypatch):
+    """Declaring the capability is the whole change: the pre-LLM list, the count, the reduction and the vLLM
+    plugin's settings (method index, default retention, note) follow from REGISTRY."""
+    monkeypatch.setitem(REGISTRY, KeepFirstFrame.name, KeepFirstFrame)
+    assert pre_llm_methods()[-1] == "keep-first"
+    video = _video(frames=3, cells=4)
+    assert video_token_count("keep-first", 3, 4, 0.5) == 4
+    index, embeds = reduce_video("keep-first", video, 0.5)
+    assert index.tolist() == [0, 1, 2, 3] and torch.equal(embeds, video[0])
+    parsed = settings.parse({"method": "keep-first"})
+    assert parsed == settings.Settings("keep-first", 0.5)
+    assert settings.Settings.from_tensor(parsed.to_tensor(1)[0]) == parsed
+    assert "keep-first (retention in (0, 1], default 0.5)" in settings.supported()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) x \(keeps the first frame only\)"):
+        settings.parse({"method": "keep-first", "x": 1})
+
+
+def test_a_wrongly_typed_capability_is_refused(monkeypatch):
+    class Broken(Method):
+        name = "broken"
+        pre_llm = {"count": len}
+
+    monkeypatch.setitem(REGISTRY, Broken.name, Broken)
+    with pytest.raises(TypeError, match="Broken.pre_llm must be a tokenreduce.methods.capabilities.PreLLM"):
+        pre_llm_methods()

@@ -1,5 +1,5 @@
 """Which kernels run by default: only those a side-by-side benchmark measured faster than their torch
-reference on that device (``benchmarks/bench_kernels.py``; table in ``README.md, "Compiled kernels"``).
+reference on that device (``benchmarks/bench_kernels.py``; table in ``docs/kernels.md``).
 
 ``TOKENREDUCE_KERNELS`` overrides it: ``0`` (or ``off``) runs every reference; ``auto`` (the default)
 the measured-faster set; ``cpu`` / ``cuda`` every kernel on that device plus the defaults elsewhere;
@@ -15,7 +15,7 @@ KERNELS = ("adjacent_similarity", "fold_runs", "merge_compact", "qk_importance",
            "lsh_signatures", "hamming_top1")
 
 # measured faster than the reference at batch 1 and 8 on a quiet CPU (benchmarks/bench_kernels.py; table in
-# README.md, "Compiled kernels"). Not qk_importance (0.29x, 0.47x), lsh_signatures (0.95x, 1.02x) nor fold_runs
+# docs/kernels.md). Not qk_importance (0.29x, 0.47x), lsh_signatures (0.95x, 1.02x) nor fold_runs
 # (1.57x but 0.66x: both under 2 ms). CUDA: not measured yet, so nothing by default.
 FASTER = {"cpu": frozenset({"adjacent_similarity", "merge_compact", "gather_rows", "kv_compact", "hamming_top1"}),
           "cuda": frozenset()}

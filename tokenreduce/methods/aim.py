@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..ops import topk_mask
 from ..ops.frames import frame_slots
 from .base import Method, Selection, Step
+from .capabilities import PreLLM, check_video
 from .options import Choice, Flag, Fraction, Integer, Layer, option
 
 
@@ -81,6 +82,29 @@ def aim_groups(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor, r
     return rep
 
 
+def aim_count(frames: int, cells: int, retention: float) -> int:
+    """Tokens AIM's merging leaves of ``frames`` x ``cells`` tokens (each frame merges alone)."""
+    return frames * aim_frame_count(cells, retention)
+
+
+def aim_merge(video_embeds: torch.Tensor, retention: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AIM's merging stage before the LLM (:class:`~.capabilities.PreLLM`): ``(keep [T, N] bool,
+    merged [T, N, D])``, the same bipartite rounds in each frame as the HF method (:func:`aim_groups`,
+    whose count is already fixed by the retention); each group's earliest member is kept, holds the
+    group's mean and keeps its position. No progressive pruning (it acts inside the LLM)."""
+    check_video(video_embeds, retention)
+    frames, cells, dim = video_embeds.shape
+    ones = torch.ones(frames, cells, device=video_embeds.device)
+    rep = aim_groups(video_embeds, ones.bool(), ones, retention)
+    slot = torch.arange(cells, device=video_embeds.device).expand(frames, cells)
+    first = torch.full_like(slot, cells).scatter_reduce_(1, rep, slot, reduce="amin").gather(1, rep)
+    total = torch.zeros_like(video_embeds, dtype=torch.float32).scatter_add_(
+        1, first[..., None].expand(-1, -1, dim), video_embeds.float())
+    count = torch.zeros(frames, cells, device=video_embeds.device).scatter_add_(1, first, ones)
+    merged = (total / count.clamp(min=1)[..., None]).to(video_embeds.dtype)
+    return first == slot, merged
+
+
 @dataclass
 class AIM(Method):
     """Before LLM layer 0, iterative bipartite merging inside each frame or image: its tokens are
@@ -110,6 +134,9 @@ class AIM(Method):
     name: ClassVar[str] = "aim"
     description: ClassVar[str] = "bipartite merging in each frame before the LLM, then progressive pruning (AIM)"
     stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
+    pre_llm: ClassVar[PreLLM] = PreLLM(
+        order=2, count=aim_count, select=aim_merge, default_retention=0.25,
+        note="vLLM runs AIM's merging only: its progressive pruning acts inside the LLM's layers")
 
     retention: float = option(0.25, Fraction())
     rounds: int | None = option(None, Integer(1, none=True))

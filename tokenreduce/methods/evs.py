@@ -12,6 +12,7 @@ from ..layout import VIDEO
 from ..ops import adjacent_cosine, same_cell_predecessor
 from ..ops.rank import group_count, group_rank
 from .base import Method, Selection, Step, check_fraction
+from .capabilities import PreLLM
 from .options import Fraction, option
 
 
@@ -44,6 +45,11 @@ def evs_keep(video_embeds: torch.Tensor, retention: float) -> torch.Tensor:
     return (rank < evs_count(frames, cells, retention)).view(frames, cells)
 
 
+def evs_select(video_embeds: torch.Tensor, retention: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EVS before the LLM (:class:`~.capabilities.PreLLM`): ``(evs_keep(...), video_embeds)``."""
+    return evs_keep(video_embeds, retention), video_embeds
+
+
 @dataclass
 class EVS(Method):
     """Before LLM layer 0, score every video token by its dissimilarity (1 - cosine) to the token at
@@ -61,6 +67,7 @@ class EVS(Method):
     name: ClassVar[str] = "evs"
     description: ClassVar[str] = "drop video tokens similar to the previous frame before the LLM (vLLM EVS baseline)"
     stages: ClassVar[tuple[str, ...]] = ("embed",)
+    pre_llm: ClassVar[PreLLM] = PreLLM(order=0, count=evs_count, select=evs_select, default_retention=0.3)
 
     retention: float = option(0.3, Fraction())
 

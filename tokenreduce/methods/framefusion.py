@@ -3,15 +3,47 @@ importance pruning, inside the LLM."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..ops import fold_into_heads, same_cell_predecessor, topk_mask
+from ..ops import adjacent_cosine, fold_into_heads, same_cell_predecessor, topk_mask, weighted_merge
 from ..ops.similarity import similar_predecessors
 from .base import Method, Selection, Step, budget
+from .capabilities import PreLLM, check_video
 from .options import Fraction, Integer, Number, option
+
+
+def framefusion_count(frames: int, cells: int, retention: float) -> int:
+    """Tokens left after merging ``frames`` x ``cells`` tokens: ``ceil(retention * total)`` (as the HF
+    budget), at least one frame's worth (first-frame tokens have nothing to merge into)."""
+    total = frames * cells
+    return min(total, max(cells, math.ceil(total * retention - 1e-9)))
+
+
+def framefusion_merge(video_embeds: torch.Tensor, retention: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FrameFusion's merge stage alone, before the LLM (:class:`~.capabilities.PreLLM`): ``(keep [T, N]
+    bool, merged [T, N, D])``. The ``T*N - framefusion_count`` tokens most similar (cosine) to their
+    same-cell predecessor fold into it; chains resolve to the earliest frame (the run head, which keeps
+    its position); ``merged`` holds each run head's size-weighted mean.
+
+    Deviation from the paper: with the count fixed in advance there is no similarity threshold and no
+    importance pruning (both need the data or the LLM's attention); the most similar pairs merge, which
+    is what the paper does when merging alone would pass the budget."""
+    check_video(video_embeds, retention)
+    frames, cells, dim = video_embeds.shape
+    flat = video_embeds.reshape(1, frames * cells, dim)
+    group = torch.arange(cells, device=flat.device).repeat(frames)[None]
+    pred = same_cell_predecessor(group, cells)
+    sim = adjacent_cosine(flat, pred)
+    n_merge = frames * cells - framefusion_count(frames, cells, retention)
+    merge = topk_mask(sim, pred >= 0, torch.tensor([n_merge], device=flat.device))
+    dest = fold_into_heads(pred, merge, frames)
+    merged, _ = weighted_merge(flat, torch.ones(1, frames * cells, device=flat.device), dest)
+    keep = dest == torch.arange(frames * cells, device=flat.device)
+    return keep.view(frames, cells), merged.view(frames, cells, dim)
 
 
 @dataclass
@@ -38,6 +70,10 @@ class FrameFusion(Method):
     name: ClassVar[str] = "framefusion"
     description: ClassVar[str] = "merge similar tokens of adjacent frames, then prune by importance (FrameFusion)"
     stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
+    pre_llm: ClassVar[PreLLM] = PreLLM(
+        order=1, count=framefusion_count, select=framefusion_merge, default_retention=0.3,
+        note="vLLM runs FrameFusion's merge stage only, with a token count fixed from the retention: its "
+             "similarity threshold, cost budget and importance pruning need the data or the LLM's layers")
 
     retention: float | None = option(None, Fraction(none=True))
     cost: float | None = option(None, Fraction(none=True))

@@ -14,6 +14,7 @@ from ..ops import topk_mask
 from ..ops.frames import frame_slots
 from ..ops.knee import RULES, knee_count
 from .base import Method, Selection, Step
+from .capabilities import PreLLM, check_video
 from .options import Choice, Flag, Fraction, Integer, Number, option
 
 
@@ -31,6 +32,29 @@ def sms_similarity(feats: torch.Tensor, present: torch.Tensor, size: torch.Tenso
 def sms_frame_count(cells: int, retention: float) -> int:
     """Tokens a frame of ``cells`` tokens keeps when the count is fixed by ``retention`` (no knee)."""
     return max(1, math.ceil(cells * retention - 1e-9))
+
+
+def sms_count(frames: int, cells: int, retention: float) -> int:
+    """Tokens ``frames`` x ``cells`` tokens keep with the count fixed by ``retention`` (per frame)."""
+    return frames * sms_frame_count(cells, retention)
+
+
+def sms_keep(video_embeds: torch.Tensor, retention: float) -> torch.Tensor:
+    """``[T, N]`` bool: the first round before the LLM, in each frame the ``sms_frame_count`` tokens most
+    similar to its mean token (:func:`sms_similarity`, the HF method's reference). Deviation: the paper's
+    count comes from the knee of the similarity curve, which needs the data; here each frame keeps
+    ``ceil(cells * retention)`` (at least one). No second round (it acts inside the LLM)."""
+    check_video(video_embeds, retention)
+    frames, cells, _ = video_embeds.shape
+    ones = torch.ones(frames, cells, device=video_embeds.device)
+    sim = sms_similarity(video_embeds, ones.bool(), ones)
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :sms_frame_count(cells, retention)]
+    return torch.zeros(frames, cells, dtype=torch.bool, device=video_embeds.device).scatter_(1, order, True)
+
+
+def sms_select(video_embeds: torch.Tensor, retention: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SMS before the LLM (:class:`~.capabilities.PreLLM`): ``(sms_keep(...), video_embeds)``."""
+    return sms_keep(video_embeds, retention), video_embeds
 
 
 @dataclass
@@ -53,6 +77,10 @@ class SMS(Method):
     name: ClassVar[str] = "sms"
     description: ClassVar[str] = "keep visual tokens before the knee of similarity-to-reference, then prune (SMS)"
     stages: ClassVar[tuple[str, ...]] = ("embed", "layer")
+    pre_llm: ClassVar[PreLLM] = PreLLM(
+        order=3, count=sms_count, select=sms_select, default_retention=0.3,
+        note="vLLM runs Sparsity-Meets-Similarity's first round only, with a count fixed from the retention: "
+             "the knee needs the data and the second round the LLM's layers")
 
     retention: float | None = option(None, Fraction(none=True))
     knee: str = option("kneedle", Choice(tuple(RULES)))

@@ -8,15 +8,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
+from tokenreduce.methods import REGISTRY
+from tokenreduce.methods.pre_llm import pre_llm_methods, pre_llm_spec
+
 # vLLM architecture name -> the plugin's subclass that replaces it ("module:Class", imported lazily)
 MODELS: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "tokenreduce_vllm.qwen:Qwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "tokenreduce_vllm.qwen:Qwen2_5_VL",
     "LlavaOnevisionForConditionalGeneration": "tokenreduce_vllm.llava_onevision:LlavaOnevision",
 }
-# methods that act before the LLM, with their options (besides retention) and default retention
-METHODS: dict[str, dict[str, Any]] = {"evs": {"retention": 0.3}, "framefusion": {"retention": 0.3},
-                                      "aim": {"retention": 0.25}, "sms": {"retention": 0.3}}
 # how a step's videos go through the vision tower: "budget" (batches whose dense token count fits the
 # encoder budget, as a dense server batches), "one" (one video per call, as vLLM's V1 runner does when
 # pruning), "auto" ("one" on CPUs, where per-video tower time grows with the batch, "budget" elsewhere)
@@ -39,26 +41,25 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_tensor(self, videos: int):
-        """``[videos, 2]`` int64: the method's index and the retention's float64 bits, per video. This
+    def to_tensor(self, videos: int) -> torch.Tensor:
+        """``[videos, 2]`` int64: the method's index in ``pre_llm_methods()`` (their declared
+        ``PreLLM.order``, the same in every process) and the retention's float64 bits, per video. This
         travels from the processor to ``embed_multimodal`` as a multimodal field; integers, because vLLM
         casts floating fields to the model's dtype (bf16 would change the retention, hence the count)."""
-        import torch
-
         bits = torch.tensor([self.retention], dtype=torch.float64).view(torch.int64)
-        row = torch.cat([torch.tensor([list(METHODS).index(self.method)]), bits])
+        row = torch.cat([torch.tensor([pre_llm_methods().index(self.method)]), bits])
         return row.expand(videos, 2).clone()
 
     @classmethod
-    def from_tensor(cls, row) -> Settings:
+    def from_tensor(cls, row: torch.Tensor) -> Settings:
         """The settings of one video from its row of :meth:`to_tensor`."""
-        import torch
-
-        return cls(method=list(METHODS)[int(row[0])], retention=float(row[1:2].view(torch.float64)))
+        return cls(method=pre_llm_methods()[int(row[0])], retention=float(row[1:2].view(torch.float64)))
 
 
 def supported() -> str:
-    return ", ".join(f"{m} (retention in (0, 1], default {o['retention']})" for m, o in METHODS.items())
+    """The methods vLLM can run: those declaring the ``PreLLM`` capability, with their default retention."""
+    return ", ".join(f"{m} (retention in (0, 1], default {pre_llm_spec(m).default_retention})"
+                     for m in pre_llm_methods())
 
 
 def parse(raw: Any) -> Settings | None:
@@ -73,14 +74,14 @@ def parse(raw: Any) -> Settings | None:
     method = options.pop("method", None)
     if method is None:
         raise ValueError(f"--additional-config tokenreduce needs a 'method'; vLLM supports: {supported()}")
-    if method not in METHODS:
+    if method not in pre_llm_methods():
         raise ValueError(_unknown_method(method))
-    retention = options.pop("retention", METHODS[method]["retention"])
+    retention = options.pop("retention", pre_llm_spec(method).default_retention)
     encoder_batch = options.pop("encoder_batch", "auto")
     if encoder_batch not in ENCODER_BATCH:
         raise ValueError(f"tokenreduce encoder_batch must be one of {', '.join(ENCODER_BATCH)}, got {encoder_batch!r}")
     if options:
-        needs_llm = _in_llm_options(method, options)
+        needs_llm = _in_llm_options(method)
         raise ValueError(f"tokenreduce method {method!r} in vLLM takes 'retention' and 'encoder_batch'; unknown "
                          f"option(s) {', '.join(sorted(options))}{needs_llm}")
     if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0 < retention <= 1:
@@ -132,10 +133,6 @@ def from_hf_config(hf_config: Any) -> Settings | None:
 
 
 def _unknown_method(method: Any) -> str:
-    try:
-        from tokenreduce.methods import REGISTRY
-    except ImportError:
-        REGISTRY = {}
     if method in REGISTRY:
         stages = ", ".join(REGISTRY[method].stages)
         return (f"tokenreduce method {method!r} acts at stage(s) {stages}, inside the LLM's layers, which vLLM "
@@ -144,13 +141,7 @@ def _unknown_method(method: Any) -> str:
     return f"unknown tokenreduce method {method!r}; vLLM supports: {supported()}"
 
 
-def _in_llm_options(method: str, options: dict[str, Any]) -> str:
-    if method == "framefusion":
-        return (" (vLLM runs FrameFusion's merge stage only, with a token count fixed from the retention: its "
-                "similarity threshold, cost budget and importance pruning need the data or the LLM's layers)")
-    if method == "aim":
-        return " (vLLM runs AIM's merging only: its progressive pruning acts inside the LLM's layers)"
-    if method == "sms":
-        return (" (vLLM runs Sparsity-Meets-Similarity's first round only, with a count fixed from the retention: "
-                "the knee needs the data and the second round the LLM's layers)")
-    return ""
+def _in_llm_options(method: str) -> str:
+    """What vLLM's form of ``method`` leaves out (its ``PreLLM.note``), said with unknown options."""
+    note = pre_llm_spec(method).note
+    return f" ({note})" if note else ""

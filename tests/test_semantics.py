@@ -11,7 +11,7 @@ import torch
 from conftest import last_logits, sample_of, video_inputs
 
 import tokenreduce
-from tokenreduce.methods import Method, Selection, Step
+from tokenreduce.methods import Selection, Step, VisualMethod
 from tokenreduce.testing import make_frames, make_inputs, tiny_model
 
 METHODS = [("framefusion", {"retention": 0.3}), ("fastv", {"retention": 0.5}), ("aim", {"retention": 0.5}),
@@ -23,7 +23,7 @@ IDENTITY = [("framefusion", {}), ("fastv", {}), ("aim", {"prune": False}), ("evs
 
 
 @dataclass
-class DropRows(Method):
+class DropRows(VisualMethod):
     """Test method: drop the given original rows before ``layer``."""
 
     name: ClassVar[str] = "drop-rows"

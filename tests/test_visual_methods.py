@@ -14,7 +14,7 @@ from conftest import last_logits, video_inputs
 
 import tokenreduce
 from tokenreduce.layout import TEXT, VIDEO
-from tokenreduce.methods import FastV, Method, Selection, Step
+from tokenreduce.methods import FastV, Selection, Step, VisualMethod
 from tokenreduce.methods.aim import AIM
 from tokenreduce.methods.evs import evs_count, evs_keep
 from tokenreduce.methods.shortv import ShortV
@@ -269,7 +269,7 @@ def test_composition_runs_each_stage_and_reports_it():
 
 
 @dataclass
-class OtherFreeze(Method):
+class OtherFreeze(VisualMethod):
     name: ClassVar[str] = "other-freeze"
     stages: ClassVar[tuple[str, ...]] = ("freeze",)
 
@@ -311,7 +311,7 @@ def test_images_and_text_only_prompts(family, name, options, reduces):
 
 
 @dataclass
-class DropFirstVisual(Method):
+class DropFirstVisual(VisualMethod):
     """Test method: before ``layer``, drop each sample's first visual row."""
 
     name: ClassVar[str] = "drop-first-visual"

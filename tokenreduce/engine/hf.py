@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..layout import PAD, TokenLayout
-from ..methods.base import Method, Step
+from ..methods.base import Step, VisualMethod
 from ..models import ModelAdapter
 from ..ops import compaction_index, last_query_importance, take_rows
 from ..ops.merge import merge_compact
@@ -117,7 +117,7 @@ EXCLUSIVE_STAGES = {
 }
 
 
-def check_composition(methods: list[Method]) -> None:
+def check_composition(methods: list[VisualMethod]) -> None:
     """ValueError if two composed methods claim a stage only one can own (see ``EXCLUSIVE_STAGES``).
     Methods acting before the same LLM layer compose: each reduces what the previous one kept."""
     owner: dict[str, str] = {}
@@ -157,12 +157,12 @@ class HFEngine:
     in_forward = PerThread(bool)
     stage_notes = PerThread(dict)  # per stage, what it did in this thread's last forward (Stats.stages)
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, methods: list[Method]) -> None:
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, methods: list[VisualMethod]) -> None:
         self.model, self.adapter, self.methods = model, adapter, methods
         self.name = "+".join(m.name for m in methods)
         self.layers = adapter.layers(model)
         self.num_layers = len(self.layers)
-        self.act: dict[int, list[Method]] = {}  # layer -> the methods that reduce before it, in order
+        self.act: dict[int, list[VisualMethod]] = {}  # layer -> the methods that reduce before it, in order
         self.score: dict[int, set[int]] = {}  # layer -> the query counts its importance is taken with
         check_composition(methods)
         for method in methods:
@@ -398,7 +398,7 @@ class HFEngine:
                 st.importance[n] = (st.version, scores.to(st.rows.device))
 
     # work ------------------------------------------------------------------------------------
-    def _reduce(self, method: Method, idx: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, method: VisualMethod, idx: int, hidden: torch.Tensor) -> torch.Tensor:
         st = self.state
         version, importance = st.importance.get(method.n_queries, (-1, None))
         if version != st.version:

@@ -11,7 +11,7 @@ import torch
 from ..layout import VIDEO
 from ..ops import adjacent_cosine, same_cell_predecessor
 from ..ops.rank import group_count, group_rank
-from .base import Method, Selection, Step, check_fraction
+from .base import Selection, Step, VisualMethod, check_fraction
 from .options import Fraction, option
 
 
@@ -45,7 +45,7 @@ def evs_keep(video_embeds: torch.Tensor, retention: float) -> torch.Tensor:
 
 
 @dataclass
-class EVS(Method):
+class EVS(VisualMethod):
     """Before LLM layer 0, score every video token by its dissimilarity (1 - cosine) to the token at
     the same spatial cell of the previous frame (temporal patch), keep every first-frame token, and
     keep the ``evs_count`` most dissimilar tokens of each video: a count fixed from ``retention``

@@ -10,12 +10,12 @@ import torch
 
 from ..ops import fold_into_heads, same_cell_predecessor, topk_mask
 from ..ops.similarity import similar_predecessors
-from .base import Method, Selection, Step, budget
+from .base import Selection, Step, VisualMethod, budget
 from .options import Fraction, Integer, Number, option
 
 
 @dataclass
-class FrameFusion(Method):
+class FrameFusion(VisualMethod):
     """Merge each video token into the token at the same spatial cell of the previous frame when
     their hidden states' cosine similarity is at least ``similarity_threshold``; do it before
     LLM layer 0 (on the embeddings) and again before each following layer, cascading, until the

@@ -16,14 +16,14 @@ from ..profiles import (
     profile_error,
     profile_source,
 )
-from .base import Method
+from .base import VisualMethod
 from .options import Layers, Number, option
 
 PROFILE_VERSION = 1
 
 
 @dataclass
-class ShortV(Method):
+class ShortV(VisualMethod):
     """In the chosen layers, visual tokens are frozen: they get no query, attention output or MLP
     (their rows are not computed) and pass through unchanged, while their hidden states still supply
     keys and values to the text. The layers come from a calibration profile (the ``frozen_fraction``

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import Method, Selection, Step
+from .base import Selection, Step, VisualMethod
 from .options import Fraction, Number, option
 
 
 @dataclass
-class Static(Method):
+class Static(VisualMethod):
     """Before the vision tower, compare each spatial merge unit (the 2x2 patch group of one 2-frame
     temporal patch that becomes one LLM token) with the same unit of the previous temporal patch, on
     the processor's normalised pixels (mean absolute difference), and do not encode the units that

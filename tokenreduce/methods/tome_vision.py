@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import Method
+from .base import VisualMethod
 from .options import Fraction, Integer, option
 
 
 @dataclass
-class TomeVision(Method):
+class TomeVision(VisualMethod):
     """In every encoder layer of the vision tower, between attention and MLP, merge ``r`` tokens per
     frame by bipartite matching on the layer's keys (size-weighted means, sizes carried), with
     proportional attention (``log size`` added to the attention logits through SDPA's additive mask);

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from ..layout import IMAGE, VIDEO
-from .base import Method, Selection, Step
+from .base import Selection, Step, VisualMethod
 from .options import Fraction, Integer, Number, option
 
 
@@ -57,7 +57,7 @@ def zip_frames(scores: torch.Tensor, keys: torch.Tensor, keep: int, dominant: in
 
 
 @dataclass
-class VisionZip(Method):
+class VisionZip(VisualMethod):
     """Keep ``retention`` of each image's / video frame's visual tokens: a ``dominant_fraction`` share of
     them are the tokens the vision tower attends to most, the others are contextual tokens, each the
     size-weighted mean of a uniformly spaced target token and the remaining tokens whose keys are closest

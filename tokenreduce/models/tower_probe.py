@@ -23,36 +23,17 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..context import TowerRecord
 from ..layout import IMAGE, VIDEO
 from ..threads import PerThread
 
 ELEMENTS_PER_CHUNK = 1 << 24  # softmax entries materialised at once by mean_received_attention
-
-
-@dataclass
-class TowerRecord:
-    """One encoded image or video on the LLM's token grid: ``scores`` ``[frames, cells]`` (reference
-    attention) and ``keys`` ``[frames, cells, head_dim]`` (the layer's keys averaged over heads and over
-    the patches of each LLM token), float32. A NaN score marks a token that stands for no patch (a LLaVA
-    image's row-end newline token)."""
-
-    scores: torch.Tensor
-    keys: torch.Tensor
-
-    @property
-    def frames(self) -> int:
-        return self.scores.shape[0]
-
-    @property
-    def cells(self) -> int:
-        return self.scores.shape[1]
 
 
 def mean_received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:

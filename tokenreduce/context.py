@@ -80,6 +80,9 @@ class MethodContext(Protocol):
     num_layers: int  # LLM layers
     features: frozenset[str]  # the model family's capabilities (``ModelAdapter.features``)
 
+    def supported(self, feature: str) -> list[str]:
+        """The model classes whose family offers ``feature`` (to name them in an error)."""
+
     def tower(self) -> Any:
         """The family's :class:`Tower` (a family-specific subclass); ValueError if it has none."""
 

@@ -33,6 +33,8 @@ from ..ops.merge import merge_compact
 from ..threads import CallCount, PerThread
 from .attention import ENGINE_ATTR, wrapped_attention
 from .cache import ReducedDynamicLayer, check_reducible
+from .composition import check_composition, check_order
+from .context import HFMethodContext
 from .freeze import FrozenLayers
 from .masks import select_mask
 from .stats import Record
@@ -111,23 +113,6 @@ def _cache_layer(cache, idx: int):
 
 _MISSING = object()
 
-EXCLUSIVE_STAGES = {
-    "vision": "both rewrite the vision tower's computation",
-    "freeze": "both decide which layers leave visual tokens frozen",
-}
-
-
-def check_composition(methods: list[VisualMethod]) -> None:
-    """ValueError if two composed methods claim a stage only one can own (see ``EXCLUSIVE_STAGES``).
-    Methods acting before the same LLM layer compose: each reduces what the previous one kept."""
-    owner: dict[str, str] = {}
-    for method in methods:
-        for stage in method.stages:
-            if stage in EXCLUSIVE_STAGES and stage in owner:
-                raise ValueError(f"{owner[stage]} and {method.name} cannot be composed: they "
-                                 f"{EXCLUSIVE_STAGES[stage]} (stage {stage!r}); pick one of them")
-            owner.setdefault(stage, method.name)
-
 
 def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     if kwargs.get("labels") is not None:
@@ -171,12 +156,15 @@ class HFEngine:
                 self.act.setdefault(layer, []).append(method)  # before a shared layer: in the order given
             for layer in method.score_layers(self.num_layers):
                 self.score.setdefault(layer, set()).add(method.n_queries)
+        check_order(methods, self.num_layers)
         self.text_config = self.layers[0].self_attn.config
         self.original_attention = self.text_config._attn_implementation
         self.calls = CallCount()
         self.latest: Record | None = None  # the last prefill's record in any thread
         self.handles: list[Any] = []
         self.frozen: FrozenLayers | None = None
+        # attention observers: each may compute a layer's attention itself (frozen layers), else None
+        self.observers: list[Callable[..., Any]] = []
         self.undo: list[Any] = []  # what methods' setup() installed, undone last-in first-out
         self.wrapped: list[tuple[nn.Module, str, Any]] = []  # (object, attribute, its previous instance value)
 
@@ -189,17 +177,17 @@ class HFEngine:
         self.handles.append(base.register_forward_hook(self._after_base, always_call=True))
         for name in ("get_image_features", "get_video_features"):
             self._record_calls(base, name)
-        self._wrap(self.model, "generate", self._generate)
-        self._wrap(self.model, "_expand_inputs_for_generation", self._expand)
+        self.wrap(self.model, "generate", self._generate)
+        self.wrap(self.model, "_expand_inputs_for_generation", self._expand)
         if self.adapter.deepstack:
-            self._wrap(self.adapter.language_model(self.model), "_deepstack_process", self._deepstack)
+            self.wrap(self.adapter.language_model(self.model), "_deepstack_process", self._deepstack)
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(partial(self._on_layer, i), with_kwargs=True))
             setattr(layer.self_attn, ENGINE_ATTR, self)
         if self.score:
             self.text_config._attn_implementation = wrapped_attention(self.original_attention)
         for method in self.methods:
-            undo = method.setup(self)
+            undo = method.setup(HFMethodContext(self, method))
             if undo is not None:
                 self.undo.append(undo)
 
@@ -234,10 +222,12 @@ class HFEngine:
         """Leave visual rows frozen in ``layers`` during prefill (see ``engine.freeze``); returns the undo."""
         if self.frozen is not None:
             raise ValueError("another method already freezes layers of this model")
-        self.frozen = FrozenLayers(self, layers)
+        self.frozen = FrozenLayers(self.layers, layers, lambda: self.state)
+        self.observers.append(self.frozen.attention)
         self.text_config._attn_implementation = wrapped_attention(self.original_attention)
 
         def undo() -> None:
+            self.observers.remove(self.frozen.attention)
             self.frozen.remove()
             self.frozen = None
 
@@ -289,9 +279,9 @@ class HFEngine:
             finally:
                 self.recording = False
 
-        self._wrap(base, name, recorder)
+        self.wrap(base, name, recorder)
 
-    def _wrap(self, obj: nn.Module, name: str, wrapper) -> None:
+    def wrap(self, obj: nn.Module, name: str, wrapper: Callable[..., Any]) -> None:
         """Shadow ``obj.<name>`` on this instance by ``wrapper(original, *args, **kwargs)``; undone by
         ``remove``. The signature is kept: ``generate()`` inspects it to pick encoder arguments."""
         original = getattr(obj, name)
@@ -383,6 +373,17 @@ class HFEngine:
         kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def attend(self, module: nn.Module, backend: Callable[..., Any], query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """One attention call of an LLM layer (see ``engine.attention``): importance observed, then the first
+        observer that computes the call itself (a frozen layer's active rows), else ``backend``."""
+        self.observe_attention(module, query, key, kwargs)
+        for observer in self.observers:
+            out = observer(module, backend, query, key, value, mask, kwargs)
+            if out is not None:
+                return out
+        return backend(module, query, key, value, mask, **kwargs)
+
     def observe_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                           kwargs: dict[str, Any]) -> None:
         st = self.state
@@ -414,6 +415,8 @@ class HFEngine:
         selection = method.reduce(step)
         if selection is None:
             return hidden
+        if selection.notes is not None:
+            self.stage_notes[method.name] = selection.notes
         rows_ar = step.row_index()
         dest = torch.where(st.valid, selection.dest.to(st.rows.device), -1)
         # every sample's last row is its last prompt token, whose logits generate() reads: never removed

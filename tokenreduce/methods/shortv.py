@@ -3,10 +3,11 @@ change the output, found by a calibration of each layer's contribution."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..context import MethodContext
 from ..profiles import (
     check_finite_output,
     check_profile_depth,
@@ -80,13 +81,14 @@ class ShortV(VisualMethod):
             check_profile_depth(self.profile, self.profile_source, self.name, num_layers)
         self.frozen_layers(num_layers)  # a layers-less, profile-less shortv says what it needs
 
-    def setup(self, engine: Any) -> Callable[[], None] | None:
-        arch = type(engine.model).__name__
+    def setup(self, ctx: MethodContext) -> None:
+        arch = ctx.architecture
         if self.profile is not None and self.layers is None and self.profile.get("architecture") != arch:
             raise ValueError(f"shortv: {self.profile_source} was calibrated on {self.profile.get('architecture')}, "
                              f"not {arch}; calibrate this model")
-        layers = self.frozen_layers(engine.num_layers)
-        return engine.freeze(set(layers)) if layers else None
+        layers = self.frozen_layers(ctx.num_layers)
+        if layers:
+            ctx.freeze(set(layers))
 
     @classmethod
     def calibrate(cls, model: Any, samples: Iterable[dict[str, Any]], progress: bool = True,

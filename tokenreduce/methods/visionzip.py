@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch.nn import functional as F
 
+from ..context import MethodContext, Prefill
 from ..layout import IMAGE, VIDEO
 from .base import Selection, Step, VisualMethod
 from .options import Fraction, Integer, Number, option
@@ -85,7 +86,8 @@ class VisionZip(VisualMethod):
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = ("keep tokens the vision tower attends to most, merge the rest into contextual "
                                   "tokens (VisionZip)")
-    stages: ClassVar[tuple[str, ...]] = ("embed",)  # reads the vision tower (hooks) but does not change it
+    stages: ClassVar[tuple[str, ...]] = ("embed",)
+    reads_tower: ClassVar[bool] = True  # observes the vision tower (hooks) but does not change it
 
     retention: float = option(0.3, Fraction())
     dominant_fraction: float = option(54 / 64, Number(0, 1))
@@ -99,29 +101,14 @@ class VisionZip(VisualMethod):
         keep = max(1, min(cells, math.ceil(cells * self.retention - 1e-9)))
         return keep, min(keep, int(keep * self.dominant_fraction + 0.5))
 
-    def setup(self, engine: Any) -> Callable[[], None]:
-        from ..models.tower_probe import probe_for
+    def setup(self, ctx: MethodContext) -> Callable[[], None]:
+        probe = ctx.tower().probe(self.layer)
+        undo = probe.install(ctx.wrap)
 
-        rewriters = [m.name for m in engine.methods if "vision" in m.stages]
-        if rewriters:
-            raise ValueError(f"visionzip reads the vision tower's attention to choose LLM tokens and cannot be "
-                             f"composed with {', '.join(rewriters)}, which rewrite(s) the tower; pick one of them")
-        base = engine.adapter.base_model(engine.model)
-        probe = probe_for(engine.model, base, self.layer)
-        undo_probe = probe.install(engine._wrap)
+        def hand_over(prefill: Prefill) -> None:  # each prefill's reduce reads this probe's last records
+            prefill.memo(self.name).update(probe=probe, grids=prefill.layout.grids)
 
-        def hand_over(module, args, kwargs) -> None:  # runs after the engine built this prefill's state
-            state = engine.state
-            if state is not None:
-                memo = state.memo.setdefault(self.name, {})
-                memo.update(probe=probe, grids=state.layout.grids, notes=engine.stage_notes)
-
-        handle = base.register_forward_pre_hook(hand_over, with_kwargs=True)
-
-        def undo() -> None:
-            handle.remove()
-            undo_probe()
-
+        ctx.on_prefill(hand_over)
         return undo
 
     def reduce(self, step: Step) -> Selection | None:
@@ -174,8 +161,7 @@ class VisionZip(VisualMethod):
         goes_to = table[flat.clamp(min=0)]
         dest_row = row_of[torch.where(goes_to >= 0, goes_to, offset)]
         dest = torch.where(in_frame, dest_row, torch.where(step.valid, rows, -1))
-        memo["notes"]["visionzip"] = {"reference": probe.reference, "tower_layer": probe.layer, "items": counts}
-        return Selection(dest)
+        return Selection(dest, notes={"reference": probe.reference, "tower_layer": probe.layer, "items": counts})
 
 
 def _records_per_item(records: dict[int, list], grids: list[list]) -> list[list]:

@@ -13,12 +13,20 @@ from ..layout import IMAGE, VIDEO, ItemSpec, TokenLayout
 class ModelAdapter:
     """Where a family keeps its LLM layers, which ids are visual and how its frames are laid out.
 
-    Subclasses name the transformers classes they support and implement :meth:`item_specs`.
+    Subclasses name the transformers classes they support and implement :meth:`item_specs`; a family
+    with a vision tower methods may hook builds it in :meth:`tower` and names what it offers in ``features``.
     """
 
     name: str = ""
     classes: tuple[str, ...] = ()
     deepstack: bool = False  # the LLM adds vision features into early layers' visual rows (Qwen3-VL)
+    # "merge_units": a Qwen-VL tower of spatial merge units over 2-frame temporal patches (static);
+    # "token_merge": a CLIP/SigLIP tower whose encoder layers tokens can be merged in (tome-vision)
+    features: frozenset[str] = frozenset()
+
+    def tower(self, model: nn.Module) -> Any:
+        """The model's vision tower as a :class:`tokenreduce.context.Tower` (see ``models.towers``)."""
+        raise ValueError(f"{type(model).__name__} has no vision tower tokenreduce can hook")
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward receives ``input_ids`` and the pixel inputs."""

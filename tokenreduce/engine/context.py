@@ -45,10 +45,10 @@ class HFMethodContext:
         return self._engine.adapter.tower(self._engine.model)
 
     def wrap(self, obj: nn.Module, name: str, wrapper: Callable[..., Any]) -> None:
-        self._engine.wrap(obj, name, wrapper)
+        self._engine.installed.wrap(obj, name, wrapper)
 
     def add_hook(self, handle: Any) -> None:
-        self._engine.handles.append(handle)
+        self._engine.installed.add_hook(handle)
 
     def on_prefill(self, callback: Callable[[Prefill], None]) -> None:
         engine = self._engine
@@ -59,7 +59,7 @@ class HFMethodContext:
                 callback(PrefillView(state.layout, state.memo))
 
         base = engine.adapter.base_model(engine.model)
-        engine.handles.append(base.register_forward_pre_hook(hook, with_kwargs=True))
+        engine.installed.add_hook(base.register_forward_pre_hook(hook, with_kwargs=True))
 
     def publish_vision(self, entries: dict[str, Any], notes: dict[str, Any]) -> None:
         if self._handoff is None:
@@ -67,4 +67,4 @@ class HFMethodContext:
         self._handoff.publish(entries, notes)
 
     def freeze(self, layers: set[int]) -> None:
-        self._engine.undo.append(self._engine.freeze(layers))
+        self._engine.installed.add_undo(self._engine.freeze(layers))

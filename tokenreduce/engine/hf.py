@@ -1,4 +1,6 @@
-"""Applies a method's Selections inside an unmodified Hugging Face forward.
+"""Applies visual methods' Selections inside an unmodified Hugging Face forward: ``HFEngine`` installs the
+hooks and routes each to its job's module (``prefill``, ``reduction``, ``slicing``, ``deepstack``,
+``generation``, ``freeze``; ``install`` undoes them all).
 
 Hooks (all scoped to one model instance and removed by ``unpatch``):
 - a forward pre-hook on the multimodal base model builds the prompt's TokenLayout;
@@ -17,9 +19,8 @@ any call runs.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from functools import partial, wraps
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,13 +35,13 @@ from .composition import check_composition, check_order
 from .context import HFMethodContext
 from .deepstack import deepstack
 from .freeze import FrozenLayers
+from .generation import GenerateTracker
+from .install import Installation
 from .prefill import ForwardState
 from .reduction import observe_importance, reduce_rows
 from .slicing import cache_layer, cache_of, continuation_mask, slice_kwargs
 from .stats import Record
 from .timer import Timer
-
-_MISSING = object()
 
 
 def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -66,9 +67,6 @@ class HFEngine:
     state = PerThread()  # ForwardState of this thread's prefill (None while decoding)
     record = PerThread()  # Record of this thread's last prefill
     timer = PerThread()
-    generation = PerThread()  # visual inputs this thread's generate() encoded, its expand size
-    recording = PerThread(bool)
-    in_forward = PerThread(bool)
     stage_notes = PerThread(dict)  # per stage, what it did in this thread's last forward (Stats.stages)
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, methods: list[VisualMethod]) -> None:
@@ -89,36 +87,32 @@ class HFEngine:
         self.text_config = self.layers[0].self_attn.config
         self.original_attention = self.text_config._attn_implementation
         self.calls = CallCount()
+        self.tracker = GenerateTracker(self.calls)  # this thread's generate call (encoded inputs, expansion)
         self.latest: Record | None = None  # the last prefill's record in any thread
-        self.handles: list[Any] = []
+        self.installed = Installation()
         self.frozen: FrozenLayers | None = None
         # attention observers: each may compute a layer's attention itself (frozen layers), else None
         self.observers: list[Callable[..., Any]] = []
-        self.undo: list[Any] = []  # what methods' setup() installed, undone last-in first-out
-        self.wrapped: list[tuple[nn.Module, str, Any]] = []  # (object, attribute, its previous instance value)
 
     # installation ---------------------------------------------------------------------------
     def install(self) -> None:
         base = self.adapter.base_model(self.model)
-        self.handles.append(self.model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
+        self.installed.add_hook(self.model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
         # first among the base model's pre-hooks; the forward hook runs even when the forward raises
-        self.handles.append(base.register_forward_pre_hook(self._on_base, with_kwargs=True, prepend=True))
-        self.handles.append(base.register_forward_hook(self._after_base, always_call=True))
-        for name in ("get_image_features", "get_video_features"):
-            self._record_calls(base, name)
-        self.wrap(self.model, "generate", self._generate)
-        self.wrap(self.model, "_expand_inputs_for_generation", self._expand)
+        self.installed.add_hook(base.register_forward_pre_hook(self._on_base, with_kwargs=True, prepend=True))
+        self.installed.add_hook(base.register_forward_hook(self._after_base, always_call=True))
+        self.tracker.install(self.model, base, self.installed)
         if self.adapter.deepstack:
-            self.wrap(self.adapter.language_model(self.model), "_deepstack_process", self._deepstack)
+            self.installed.wrap(self.adapter.language_model(self.model), "_deepstack_process", self._deepstack)
         for i, layer in enumerate(self.layers):
-            self.handles.append(layer.register_forward_pre_hook(partial(self._on_layer, i), with_kwargs=True))
+            self.installed.add_hook(layer.register_forward_pre_hook(partial(self._on_layer, i), with_kwargs=True))
             setattr(layer.self_attn, ENGINE_ATTR, self)
         if self.score:
             self.text_config._attn_implementation = wrapped_attention(self.original_attention)
         for method in self.methods:
             undo = method.setup(HFMethodContext(self, method))
             if undo is not None:
-                self.undo.append(undo)
+                self.installed.add_undo(undo)
 
     def check_idle(self) -> None:
         """RuntimeError if a forward or generate call runs on the model (see ``tokenreduce.threads``)."""
@@ -130,17 +124,7 @@ class HFEngine:
             self._remove()
 
     def _remove(self) -> None:
-        while self.undo:
-            self.undo.pop()()
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        for obj, name, previous in reversed(self.wrapped):  # wrappers may stack: undo the latest first
-            if previous is _MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, previous)
-        self.wrapped.clear()
+        self.installed.remove()
         for layer in self.layers:
             if getattr(layer.self_attn, ENGINE_ATTR, None) is self:
                 delattr(layer.self_attn, ENGINE_ATTR)
@@ -170,53 +154,6 @@ class HFEngine:
             raise RuntimeError("no forward pass has run since tokenreduce.patch")
         return record.stats()
 
-    def _generate(self, original, *args: Any, **kwargs: Any):
-        """``generate`` (transformers >= 5.2x) encodes images and videos once, before any forward, and
-        then drops their grids and pixels from the forwards' arguments: keep what it encoded, and by
-        how much it expanded the batch (beams, num_return_sequences), for the whole call."""
-        with self.calls.call() as live:
-            if not live:  # the patch was removed while this call started: it runs unpatched
-                return original(*args, **kwargs)
-            outer, self.generation = self.generation, {"visual": {}, "expand": 1}
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.generation = outer
-
-    def _expand(self, original, *args: Any, **kwargs: Any):
-        if self.generation is not None:
-            self.generation["expand"] = kwargs.get("expand_size", args[0] if args else 1)
-        return original(*args, **kwargs)
-
-    def _record_calls(self, base: nn.Module, name: str) -> None:
-        """Remember the tensors ``generate`` passes to ``base.<name>`` before its forwards (see
-        ``_generate``); calls made inside a forward or outside ``generate`` are not recorded."""
-        if getattr(base, name, None) is None:
-            return
-        signature = inspect.signature(getattr(base, name))
-
-        def recorder(fn, *args: Any, **kwargs: Any):
-            # an encoder calling another (Qwen3-VL: videos through the image path) records once
-            if self.recording or self.in_forward or self.generation is None:
-                return fn(*args, **kwargs)
-            bound = signature.bind_partial(*args, **kwargs)
-            seen = {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
-            self.generation["visual"].update(seen)
-            self.recording = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.recording = False
-
-        self.wrap(base, name, recorder)
-
-    def wrap(self, obj: nn.Module, name: str, wrapper: Callable[..., Any]) -> None:
-        """Shadow ``obj.<name>`` on this instance by ``wrapper(original, *args, **kwargs)``; undone by
-        ``remove``. The signature is kept: ``generate()`` inspects it to pick encoder arguments."""
-        original = getattr(obj, name)
-        self.wrapped.append((obj, name, obj.__dict__.get(name, _MISSING)))
-        setattr(obj, name, wraps(original)(partial(wrapper, original)))
-
     def _deepstack(self, original, hidden: torch.Tensor, visual_pos_masks: torch.Tensor,
                    visual_embeds: torch.Tensor) -> torch.Tensor:
         return deepstack(self.state, original, hidden, visual_pos_masks, visual_embeds)
@@ -224,7 +161,7 @@ class HFEngine:
     # hooks -----------------------------------------------------------------------------------
     def _on_base(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         live = self.calls.enter()  # first: _after_base, which always runs, leaves
-        self.in_forward = True
+        self.tracker.in_forward = True
         cache = cache_of(kwargs)
         if not live:  # unpatched while this forward started (its hooks were taken already)
             self.state = None
@@ -234,11 +171,7 @@ class HFEngine:
             if self.record is not None:
                 self.record.decode_steps += 1
             return
-        given = {k: v for k, v in kwargs.items() if v is not None}
-        recorded = self.generation["visual"] if self.generation else {}
-        # recorded inputs predate generate()'s batch expansion; the forward's own are expanded already
-        repeat = self.generation["expand"] if set(recorded) - set(given) else 1
-        inputs = {**recorded, **given}
+        inputs, repeat = self.tracker.inputs({k: v for k, v in kwargs.items() if v is not None})
         if args and "input_ids" not in kwargs:
             inputs["input_ids"] = args[0]
         self.state = None
@@ -255,7 +188,7 @@ class HFEngine:
         self.record = self.latest = Record(self.name, layout, self.num_layers, self.timer, self.stage_notes)
 
     def _after_base(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.in_forward = False
+        self.tracker.in_forward = False
         self.calls.leave()
 
     def _on_layer(self, idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]):

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..context import MethodContext
-from ..layout import VIDEO, TokenLayout
+from ..layout import VIDEO, TokenLayout, per_sample
 from ..threads import PerThread
 from ..vision.static_units import UnitPlan, plan_units, unit_changes
 from .base import Selection, Step, VisualMethod
@@ -120,14 +120,15 @@ class StaticTower:
 def video_items(layout: TokenLayout, repeat: int, per_video: list[Any], what: str) -> list[list[tuple[int, Any]]]:
     """Per sample, ``(layout item, entry)`` for each of its videos, handing out the encoder call's
     ``per_video`` entries in batch order (``repeat`` consecutive samples share one described sample)."""
-    out, pos = [], 0
-    for b, specs in enumerate(layout.grids):
-        if b % repeat:
-            out.append(out[-1])
-            continue
-        items = [j for j, spec in enumerate(specs) if spec.kind == VIDEO]
-        out.append(list(zip(items, per_video[pos:pos + len(items)], strict=False)))
+    pos = 0
+
+    def take(b: int) -> list[tuple[int, Any]]:
+        nonlocal pos
+        items = [j for j, spec in enumerate(layout.grids[b]) if spec.kind == VIDEO]
         pos += len(items)
+        return list(zip(items, per_video[pos - len(items):pos], strict=False))
+
+    out = per_sample(len(layout.grids), repeat, take)
     if pos != len(per_video):
         raise RuntimeError(f"tokenreduce {what}: the vision tower encoded {len(per_video)} videos but the prompt "
                            f"places {pos}; encode and prefill the same batch")

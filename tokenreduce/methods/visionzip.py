@@ -5,15 +5,16 @@ few contextual tokens; per image or video frame."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import partial
+from typing import Any, ClassVar
 
 import torch
 from torch.nn import functional as F
 
 from ..context import MethodContext, Prefill
-from ..layout import IMAGE, VIDEO
+from ..layout import IMAGE, VIDEO, per_sample
 from .base import Selection, Step, VisualMethod
 from .options import Fraction, Integer, Number, option
 
@@ -178,16 +179,16 @@ def _records_per_item(records: dict[int, list], grids: list[list]) -> list[list]
         if not have or repeat * len(have) != total or len(grids) % repeat:
             raise RuntimeError(f"visionzip: the prompt has {total} {what}s but the vision tower's last {what} "
                                f"encoding holds {len(have)}; was the tower run for this prompt?")
-        n = 0
+        mine = per_sample(len(grids), repeat, partial(_take, iter(have), wanted))
         for b, items in enumerate(wanted):
-            if b % repeat:
-                for i in items:
-                    out[b][i] = out[b - 1][i]
-                continue
-            for i in items:
-                out[b][i] = have[n]
-                n += 1
+            for i, record in zip(items, mine[b], strict=True):
+                out[b][i] = record
     return out
+
+
+def _take(encoded: Iterator[Any], wanted: list[list[int]], b: int) -> list[Any]:
+    """Sample ``b``'s records: the next one of the encoding (batch order) for each of its wanted items."""
+    return [next(encoded) for _ in wanted[b]]
 
 
 __all__ = ["VisionZip", "zip_frames", "zip_record"]

@@ -64,6 +64,27 @@ class Tower(Protocol):
         """A probe of tower layer ``layer`` (negative from the end; None: the layer the LLM reads)."""
 
 
+class MergeUnitTower(Tower, Protocol):
+    """A tower of spatial merge units over 2-frame temporal patches (Qwen-VL; feature ``"merge_units"``)."""
+
+    merge_size: int  # patches per side of one merge unit (one LLM token)
+
+    def run_partial(self, forward: Callable[..., torch.Tensor], pixels: torch.Tensor, grid_thw: torch.Tensor,
+                    keep: torch.Tensor, rep: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The tower's ``forward`` on the ``keep`` units only; unit ``i`` gets the output of unit ``rep[i]``."""
+
+
+class EncoderTower(Tower, Protocol):
+    """A ViT of pre-norm encoder layers (CLIP / SigLIP; feature ``"token_merge"``)."""
+
+    blocks: nn.ModuleList  # the encoder layers
+    has_cls: bool  # token 0 is a CLS token
+    patches: int  # patch tokens per image or frame
+
+    def key_proj(self, block: nn.Module) -> nn.Module:
+        """The key projection of one encoder layer."""
+
+
 class Prefill(Protocol):
     """Read access to one prefill, for :meth:`MethodContext.on_prefill` callbacks."""
 
@@ -84,7 +105,8 @@ class MethodContext(Protocol):
         """The model classes whose family offers ``feature`` (to name them in an error)."""
 
     def tower(self) -> Any:
-        """The family's :class:`Tower` (a family-specific subclass); ValueError if it has none."""
+        """The family's :class:`Tower` (a :class:`MergeUnitTower` or :class:`EncoderTower` where ``features``
+        says so); ValueError if the family has none."""
 
     def wrap(self, obj: nn.Module, name: str, wrapper: Callable[..., Any]) -> None:
         """Shadow ``obj.<name>`` on this instance by ``wrapper(original, *args, **kwargs)``."""
@@ -103,4 +125,4 @@ class MethodContext(Protocol):
         """Leave the visual rows of a prefill frozen in ``layers`` (ShortV's mechanism)."""
 
 
-__all__ = ["MethodContext", "Prefill", "Tower", "TowerProbe", "TowerRecord", "Wrap"]
+__all__ = ["EncoderTower", "MergeUnitTower", "MethodContext", "Prefill", "Tower", "TowerProbe", "TowerRecord", "Wrap"]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..context import MethodContext
+from ..context import MergeUnitTower, MethodContext
 from ..layout import VIDEO, TokenLayout, per_sample
 from ..threads import PerThread
 from ..vision.static_units import UnitPlan, plan_units, unit_changes
@@ -79,7 +79,7 @@ class StaticTower:
 
     def __init__(self, ctx: MethodContext, method: Static) -> None:
         self.ctx, self.method = ctx, method
-        self.tower = ctx.tower()
+        self.tower: MergeUnitTower = ctx.tower()
         ctx.wrap(self.tower.encoders, "get_video_features", self._video_features)
         ctx.wrap(self.tower.module, "forward", self._tower)
 

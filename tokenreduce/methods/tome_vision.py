@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..context import MethodContext
+from ..context import EncoderTower, MethodContext
 from ..threads import PerThread
 from ..vision.tome import TowerPass, tome_layer, unmerge
 from .base import VisualMethod
@@ -68,7 +68,7 @@ class TomeTower:
 
     def __init__(self, ctx: MethodContext, method: TomeVision) -> None:
         self.method, self.publish = method, ctx.publish_vision
-        tower = ctx.tower()
+        tower: EncoderTower = ctx.tower()
         self.layers, self.cls, self.patches = tower.blocks, tower.has_cls, tower.patches
         ctx.wrap(tower.module, "forward", self._tower)
         for layer in self.layers:

@@ -16,8 +16,9 @@ from .tower_probe import LlavaTowerProbe, QwenTowerProbe
 
 
 class QwenTower:
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: patches grouped in ``merge_size**2`` spatial merge units of 2-frame
-    temporal patches; the tower can run on a partial grid of kept units (:mod:`.qwen_partial`)."""
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (a :class:`tokenreduce.context.MergeUnitTower`): patches grouped in
+    ``merge_size**2`` spatial merge units of 2-frame temporal patches; the tower can run on a partial grid of
+    kept units (:mod:`.qwen_partial`)."""
 
     def __init__(self, model: nn.Module, base: nn.Module) -> None:
         self.model, self.encoders, self.module = model, base, base.visual
@@ -33,7 +34,8 @@ class QwenTower:
 
 
 class ClipSiglipTower:
-    """LLaVA-NeXT-Video's CLIP or LLaVA-OneVision's SigLIP tower: ``blocks`` of pre-norm encoder layers over
+    """LLaVA-NeXT-Video's CLIP or LLaVA-OneVision's SigLIP tower (a :class:`tokenreduce.context.EncoderTower`):
+    ``blocks`` of pre-norm encoder layers over
     ``patches`` patch tokens per image/frame, after a CLS token when ``has_cls``."""
 
     def __init__(self, model: nn.Module, base: nn.Module, bilinear_pooling: bool) -> None:

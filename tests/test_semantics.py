@@ -12,14 +12,14 @@ from conftest import last_logits, sample_of, video_inputs
 from method_matrix import MATRIX, contract, options_for
 
 import tokenreduce
-from tokenreduce.methods import REGISTRY, Method, Selection, Step
+from tokenreduce.methods import REGISTRY, Selection, Step, VisualMethod
 from tokenreduce.testing import make_frames, make_inputs, tiny_model
 
 METHODS = sorted(REGISTRY)  # every registered method; tests/method_matrix.py says how each one runs
 
 
 @dataclass
-class DropRows(Method):
+class DropRows(VisualMethod):
     """Test method: drop the given original rows before ``layer``."""
 
     name: ClassVar[str] = "drop-rows"

@@ -14,9 +14,9 @@ from transformers import vision_utils
 import tokenreduce
 from tokenreduce.methods.framefusion import FrameFusion
 from tokenreduce.methods.static import Static
+from tokenreduce.models.qwen_partial import partial_inputs
 from tokenreduce.testing import make_frames, make_inputs
 from tokenreduce.testing import tiny_model as _tiny_model
-from tokenreduce.vision.qwen_partial import partial_inputs
 from tokenreduce.vision.static_units import plan_units, unit_changes
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]

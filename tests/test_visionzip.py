@@ -12,7 +12,7 @@ from conftest import sample_of
 from torch.nn import functional as F
 
 import tokenreduce
-from tokenreduce.methods import Method
+from tokenreduce.methods import VisualMethod
 from tokenreduce.methods.visionzip import VisionZip, zip_frames
 from tokenreduce.models import tower_probe
 from tokenreduce.testing import make_frames, make_inputs, tiny_model
@@ -293,7 +293,7 @@ def test_unpatch_leaves_no_hooks(family):
 
 
 @dataclass
-class TowerRewriter(Method, register=False):
+class TowerRewriter(VisualMethod, register=False):
     """Stands for a method that changes the vision tower's output (stage "vision")."""
 
     name: ClassVar[str] = "tower-rewriter"

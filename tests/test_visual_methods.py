@@ -14,7 +14,7 @@ from conftest import last_logits, video_inputs
 
 import tokenreduce
 from tokenreduce.layout import TEXT, VIDEO
-from tokenreduce.methods import FastV, Method, Selection, Step
+from tokenreduce.methods import FastV, Selection, Step, VisualMethod
 from tokenreduce.methods.aim import AIM
 from tokenreduce.methods.evs import evs_count, evs_keep
 from tokenreduce.methods.shortv import ShortV
@@ -269,7 +269,7 @@ def test_composition_runs_each_stage_and_reports_it():
 
 
 @dataclass
-class OtherFreeze(Method):
+class OtherFreeze(VisualMethod):
     name: ClassVar[str] = "other-freeze"
     stages: ClassVar[tuple[str, ...]] = ("freeze",)
 
@@ -311,7 +311,7 @@ def test_images_and_text_only_prompts(family, name, options, reduces):
 
 
 @dataclass
-class DropFirstVisual(Method):
+class DropFirstVisual(VisualMethod):
     """Test method: before ``layer``, drop each sample's first visual row."""
 
     name: ClassVar[str] = "drop-first-visual"
@@ -341,3 +341,48 @@ def test_two_methods_reducing_before_the_same_layer_share_its_scores():
     for b in range(2):  # the same ranking as fastv alone, minus the dropped row
         first = min(i for i in s.kept_indices[b][0] if s.layout.kind[b, i] > TEXT)
         assert set(s.kept_indices[b][-1]) <= set(alone[b][-1]) | set(s.kept_indices[b][0]) - {first}
+
+
+@dataclass
+class WatchTower(VisualMethod, register=False):
+    """Test method: hooks the model only through ``setup(ctx)`` (a tower wrapper, a prefill callback) and
+    reports through ``Selection.notes``."""
+
+    name: ClassVar[str] = "watch-tower"
+
+    def act_layers(self, num_layers):
+        return {0}
+
+    def setup(self, ctx):
+        self.seen = []
+        tower = ctx.tower()
+
+        def forward(original, *args, **kwargs):
+            self.seen.append("tower")
+            return original(*args, **kwargs)
+
+        ctx.wrap(tower.module, "forward", forward)
+        ctx.on_prefill(lambda prefill: prefill.memo(self.name).update(items=len(prefill.layout.grids[0])))
+
+    def reduce(self, step: Step):
+        self.seen.append(("prefill", step.memo["items"]))
+        return Selection(step.row_index(), notes={"items": step.memo["items"]})
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_a_method_hooks_the_model_only_through_its_context_and_unpatch_undoes_it(family):
+    """setup(ctx): ctx.tower() is the family's tower (from its adapter), ctx.wrap and ctx.on_prefill hooks are
+    removed by unpatch, and a Selection's notes land in Stats.stages."""
+    model = tiny_model(family)
+    inputs = make_inputs(model, images=[make_frames(1)[0]])
+    dense = last_logits(model, inputs)
+    method = WatchTower()
+    tokenreduce.patch(model, method)
+    assert torch.equal(last_logits(model, inputs), dense)  # the Selection keeps every row
+    assert method.seen == ["tower", ("prefill", 1)]
+    assert tokenreduce.stats(model).stages["watch-tower"] == {"items": 1}
+    tokenreduce.unpatch(model)
+    tower = model.model.visual if family == "qwen2_vl" else model.model.vision_tower
+    assert "forward" not in tower.__dict__
+    last_logits(model, inputs)
+    assert method.seen == ["tower", ("prefill", 1)]

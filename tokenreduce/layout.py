@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 PAD, TEXT, IMAGE, VIDEO = -1, 0, 1, 2
 
@@ -78,3 +82,13 @@ class TokenLayout:
         return TokenLayout(kind=self.kind.to(device), item=self.item.to(device), frame=self.frame.to(device),
                            cell=self.cell.to(device), grids=self.grids, padded=self.padded,
                            right_padded=self.right_padded)
+
+
+def per_sample(samples: int, repeat: int, describe: Callable[[int], T]) -> list[T]:
+    """Per batch sample, ``describe(b)`` for the first of every ``repeat`` consecutive samples and the same
+    value for its copies: ``generate`` repeats each sample ``repeat`` times (beams, ``num_return_sequences``)
+    after the pixel inputs that describe it once were encoded. ``describe`` runs in batch order."""
+    out: list[T] = []
+    for b in range(samples):
+        out.append(out[-1] if b % repeat else describe(b))
+    return out

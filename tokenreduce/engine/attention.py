@@ -33,12 +33,8 @@ def wrapped_attention(original: str) -> str:
                   attention_mask: torch.Tensor | None, **kwargs: Any):
         engine = getattr(module, ENGINE_ATTR, None)
         backend = _backend(module, original)
-        if engine is not None:
-            engine.observe_attention(module, query, key, kwargs)
-            if engine.frozen is not None:  # a frozen layer runs only its active rows' queries
-                out = engine.frozen.attention(module, backend, query, key, value, attention_mask, kwargs)
-                if out is not None:
-                    return out
+        if engine is not None:  # observes, and may run only a frozen layer's active rows' queries
+            return engine.attend(module, backend, query, key, value, attention_mask, kwargs)
         return backend(module, query, key, value, attention_mask, **kwargs)
 
     return register_attention(name, original, attention)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -22,9 +22,6 @@ from ..layout import IMAGE
 from ..ops import compaction_index, take_rows
 from ..threads import PerThread
 from .masks import select_mask
-
-if TYPE_CHECKING:
-    from .hf import HFEngine
 
 
 class Active(NamedTuple):
@@ -47,19 +44,21 @@ def _expand(out: torch.Tensor, active: Active, dim: int) -> torch.Tensor:
 
 
 class FrozenLayers:
-    """Installs the freeze on ``layers`` of an engine's model; ``remove()`` undoes it."""
+    """Installs the freeze on ``layers`` of the LLM layers ``blocks``; ``remove()`` undoes it. ``prefill()``
+    is the running thread's prefill state (None while decoding); :meth:`attention` is an attention observer
+    of the engine (``HFEngine.attend``)."""
 
     active = PerThread()  # Active rows of the frozen layer this thread is running, else None
     _cache = PerThread()  # (forward state, rows version, active) of this thread
 
-    def __init__(self, engine: HFEngine, layers: set[int]) -> None:
-        bad = sorted(i for i in layers if not 0 <= i < engine.num_layers)
+    def __init__(self, blocks: nn.ModuleList, layers: set[int], prefill: Callable[[], Any]) -> None:
+        bad = sorted(i for i in layers if not 0 <= i < len(blocks))
         if bad:
-            raise ValueError(f"cannot freeze layers {bad}: the model has {engine.num_layers} LLM layers")
-        self.engine, self.layers = engine, set(layers)
+            raise ValueError(f"cannot freeze layers {bad}: the model has {len(blocks)} LLM layers")
+        self.prefill, self.layers = prefill, set(layers)
         self.handles: list[Any] = []
         for i in sorted(layers):
-            layer = engine.layers[i]
+            layer = blocks[i]
             self.handles.append(layer.register_forward_pre_hook(partial(self._enter, i)))
             self.handles.append(layer.register_forward_hook(self._leave))
             for module in (layer.self_attn.o_proj, layer.mlp):
@@ -74,7 +73,7 @@ class FrozenLayers:
 
     # hooks -----------------------------------------------------------------------------------------
     def _enter(self, idx: int, module: nn.Module, args: tuple) -> None:
-        st = self.engine.state
+        st = self.prefill()
         self.active = None if st is None else self._active(st)
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -111,7 +110,7 @@ class FrozenLayers:
         dev = query.device
         index, valid = active.index.to(dev), active.valid.to(dev)
         rows = torch.arange(active.length, device=dev).expand(index.shape[0], -1)
-        k_pos = torch.where(self.engine.state.valid.to(dev), rows, -1) if key.shape[2] == active.length else \
+        k_pos = torch.where(self.prefill().valid.to(dev), rows, -1) if key.shape[2] == active.length else \
             torch.arange(key.shape[2], device=dev).expand(index.shape[0], -1)
         mask = select_mask(attention_mask, index, valid, k_pos, past=key.shape[2] - active.length)
         queries = take_rows(query.transpose(1, 2), index, 1).transpose(1, 2)  # [B, H, La, d]

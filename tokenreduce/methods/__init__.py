@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 from dataclasses import fields
 
-from .base import REGISTRY, Method, Selection, Step
+from .base import REGISTRY, Method, Selection, Step, VisualMethod
 
 _PACKAGES = (__name__, "tokenreduce.kv.methods")
 
@@ -55,4 +55,4 @@ def make_method(method: str | Method, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["REGISTRY", "FastV", "FrameFusion", "Method", "Selection", "Step", "make_method", "methods"]
+__all__ = ["REGISTRY", "FastV", "FrameFusion", "Method", "Selection", "Step", "VisualMethod", "make_method", "methods"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..ops import topk_mask
 from ..ops.frames import frame_slots
-from .base import Method, Selection, Step
+from .base import Selection, Step, VisualMethod
 from .capabilities import PreLLM, check_video
 from .options import Choice, Flag, Fraction, Integer, Layer, option
 
@@ -106,7 +106,7 @@ def aim_merge(video_embeds: torch.Tensor, retention: float) -> tuple[torch.Tenso
 
 
 @dataclass
-class AIM(Method):
+class AIM(VisualMethod):
     """Before LLM layer 0, iterative bipartite merging inside each frame or image: its tokens are
     split alternately into sets A and B, each A token is matched to its most similar B token
     (cosine of the embeddings), and the best-matched A tokens merge into their match; rounds

@@ -1,4 +1,6 @@
-"""The method interface: a dataclass of options that turns a Step into a Selection."""
+"""The method interfaces. :class:`Method`: a dataclass of options that registers by name (every method,
+visual or cache); :class:`VisualMethod`: one that turns a Step into a Selection inside the LLM (and may
+hook the vision tower through the :class:`~tokenreduce.context.MethodContext` its ``setup`` receives)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..context import MethodContext
 from ..layout import IMAGE
 from .options import Fraction, Integer, check_depth, check_options
 
@@ -59,9 +62,11 @@ class Step:
 @dataclass
 class Selection:
     """``dest`` ``[B, L]``: each current row's fate. ``dest == row`` keeps it, another row index
-    merges it (size-weighted) into that row, ``-1`` drops it."""
+    merges it (size-weighted) into that row, ``-1`` drops it. ``notes``: the method's report for
+    ``Stats.stages[<method name>]`` (None: none)."""
 
     dest: torch.Tensor
+    notes: dict[str, Any] | None = None
 
     @classmethod
     def keep(cls, keep: torch.Tensor) -> Selection:
@@ -71,19 +76,18 @@ class Selection:
 
 @dataclass
 class Method:
-    """Base of all methods. Subclasses are dataclasses whose fields are the options, each declared with
+    """Base of all methods (visual ones: :class:`VisualMethod`; cache ones: ``kv.methods.base``).
+    Subclasses are dataclasses whose fields are the options, each declared with
     :func:`tokenreduce.methods.options.option` and its check (type, range, layer depth), validated when the
-    method is built and, for layer options, when it is installed on a model.
-
-    ``act_layers`` are the LLM layers before which :meth:`reduce` runs; ``score_layers`` the
-    layers whose attention must yield importance scores (used before the next layer);
-    ``n_queries`` how many last rows the importance is taken from.
+    method is built and, for layer options, when it is installed on a model. A subclass with a ``name``
+    registers itself in :data:`REGISTRY`.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     stages: ClassVar[tuple[str, ...]] = ()
     engine: ClassVar[str] = "hf"  # "hf": engine.hf.HFEngine (visual stages); "kv": kv.engine.KVEngine
+    paper: ClassVar[str] = ""  # the paper the method implements (arXiv id or short citation)
     retired: ClassVar[dict[str, str]] = {}  # removed options -> what to do instead (said when one is given)
 
     def __init_subclass__(cls, register: bool | None = None, **kwargs: Any) -> None:
@@ -108,6 +112,28 @@ class Method:
         """Raise ValueError on option combinations out of range (each option alone is checked by its
         declaration, before this runs); may fill in defaults derived from other options."""
 
+    def check_model(self, num_layers: int) -> None:
+        """Raise ValueError if the options do not fit a model with ``num_layers`` LLM layers (the declared
+        layer options are checked here; overrides call this first)."""
+        check_depth(self, num_layers)
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class VisualMethod(Method):
+    """A method run by :class:`tokenreduce.engine.hf.HFEngine` (vision, embed, layer and freeze stages).
+
+    ``act_layers`` are the LLM layers before which :meth:`reduce` runs; ``score_layers`` the
+    layers whose attention must yield importance scores (used before the next layer);
+    ``n_queries`` how many last rows the importance is taken from. ``reads_tower``: the method
+    observes the vision tower's own computation, so it cannot be composed with a method of the
+    ``"vision"`` stage, which rewrites it.
+    """
+
+    reads_tower: ClassVar[bool] = False
+
     @property
     def n_queries(self) -> int:
         return 1
@@ -118,21 +144,14 @@ class Method:
     def score_layers(self, num_layers: int) -> set[int]:
         return set()
 
-    def check_model(self, num_layers: int) -> None:
-        """Raise ValueError if the options do not fit a model with ``num_layers`` LLM layers (the declared
-        layer options are checked here; overrides call this first)."""
-        check_depth(self, num_layers)
-
     def reduce(self, step: Step) -> Selection | None:
         raise NotImplementedError
 
-    def setup(self, engine: Any) -> Callable[[], None] | None:
+    def setup(self, ctx: MethodContext) -> Callable[[], None] | None:
         """Called once when the engine installs this method on a model, for methods that need more than
-        ``reduce`` (hooks on the vision tower, frozen layers); returns the undo, called by unpatch."""
+        ``reduce`` (hooks on the vision tower, frozen layers); everything done through ``ctx`` is undone
+        by unpatch, and a returned callable is called then too."""
         return None
-
-    def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def calibrated() -> list[str]:
@@ -167,4 +186,4 @@ def budget(retention: float, visual_in: torch.Tensor, rounding: str = "ceil") ->
     return count.long().clamp(min=0)
 
 
-__all__ = ["REGISTRY", "Method", "Selection", "Step", "budget", "check_fraction", "check_layer"]
+__all__ = ["REGISTRY", "Method", "Selection", "Step", "VisualMethod", "budget", "check_fraction", "check_layer"]

@@ -11,7 +11,7 @@ import torch
 from ..layout import VIDEO
 from ..ops import adjacent_cosine, same_cell_predecessor
 from ..ops.rank import group_count, group_rank
-from .base import Method, Selection, Step, check_fraction
+from .base import Selection, Step, VisualMethod, check_fraction
 from .capabilities import PreLLM
 from .options import Fraction, option
 
@@ -51,7 +51,7 @@ def evs_select(video_embeds: torch.Tensor, retention: float) -> tuple[torch.Tens
 
 
 @dataclass
-class EVS(Method):
+class EVS(VisualMethod):
     """Before LLM layer 0, score every video token by its dissimilarity (1 - cosine) to the token at
     the same spatial cell of the previous frame (temporal patch), keep every first-frame token, and
     keep the ``evs_count`` most dissimilar tokens of each video: a count fixed from ``retention``

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..ops import topk_mask
-from .base import Method, Selection, Step, budget
+from .base import Selection, Step, VisualMethod, budget
 from .options import Choice, Fraction, Integer, Layer, option
 
 
 @dataclass
-class FastV(Method):
+class FastV(VisualMethod):
     """Keep the ``retention`` fraction of visual tokens with the highest attention from the last
     ``n_queries`` tokens, after the first ``layer`` LLM layers have seen them all.
 

@@ -11,7 +11,7 @@ import torch
 
 from ..ops import adjacent_cosine, fold_into_heads, same_cell_predecessor, topk_mask, weighted_merge
 from ..ops.similarity import similar_predecessors
-from .base import Method, Selection, Step, budget
+from .base import Selection, Step, VisualMethod, budget
 from .capabilities import PreLLM, check_video
 from .options import Fraction, Integer, Number, option
 
@@ -47,7 +47,7 @@ def framefusion_merge(video_embeds: torch.Tensor, retention: float) -> tuple[tor
 
 
 @dataclass
-class FrameFusion(Method):
+class FrameFusion(VisualMethod):
     """Merge each video token into the token at the same spatial cell of the previous frame when
     their hidden states' cosine similarity is at least ``similarity_threshold``; do it before
     LLM layer 0 (on the embeddings) and again before each following layer, cascading, until the

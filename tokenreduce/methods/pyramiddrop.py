@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..ops import topk_mask
-from .base import Method, Selection, Step, budget
+from .base import Selection, Step, VisualMethod, budget
 from .options import Choice, Fraction, Integer, Layers, option
 
 
 @dataclass
-class PyramidDrop(Method):
+class PyramidDrop(VisualMethod):
     """Split the LLM into stages at ``layers`` (default: a quarter, half and three quarters of its
     depth, i.e. the paper's 8/16/24 of 32); at the end of each stage keep the ``retention`` fraction
     (the paper's lambda, 0.5) of the visual tokens the stage had, ranked by the attention the last

@@ -3,11 +3,12 @@ change the output, found by a calibration of each layer's contribution."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..calibration import CalibrationRun
+from ..context import MethodContext
 from ..profiles import (
     check_finite_output,
     check_profile_depth,
@@ -17,14 +18,14 @@ from ..profiles import (
     profile_error,
     profile_source,
 )
-from .base import Method
+from .base import VisualMethod
 from .options import Layers, Number, option
 
 PROFILE_VERSION = 1
 
 
 @dataclass
-class ShortV(Method):
+class ShortV(VisualMethod):
     """In the chosen layers, visual tokens are frozen: they get no query, attention output or MLP
     (their rows are not computed) and pass through unchanged, while their hidden states still supply
     keys and values to the text. The layers come from a calibration profile (the ``frozen_fraction``
@@ -81,13 +82,14 @@ class ShortV(Method):
             check_profile_depth(self.profile, self.profile_source, self.name, num_layers)
         self.frozen_layers(num_layers)  # a layers-less, profile-less shortv says what it needs
 
-    def setup(self, engine: Any) -> Callable[[], None] | None:
-        arch = type(engine.model).__name__
+    def setup(self, ctx: MethodContext) -> None:
+        arch = ctx.architecture
         if self.profile is not None and self.layers is None and self.profile.get("architecture") != arch:
             raise ValueError(f"shortv: {self.profile_source} was calibrated on {self.profile.get('architecture')}, "
                              f"not {arch}; calibrate this model")
-        layers = self.frozen_layers(engine.num_layers)
-        return engine.freeze(set(layers)) if layers else None
+        layers = self.frozen_layers(ctx.num_layers)
+        if layers:
+            ctx.freeze(set(layers))
 
     @classmethod
     def calibrate(cls, model: Any, samples: Iterable[dict[str, Any]], *, run: CalibrationRun, progress: bool = True,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..ops import topk_mask
 from ..ops.frames import frame_slots
 from ..ops.knee import RULES, knee_count
-from .base import Method, Selection, Step
+from .base import Selection, Step, VisualMethod
 from .capabilities import PreLLM, check_video
 from .options import Choice, Flag, Fraction, Integer, Number, option
 
@@ -58,7 +58,7 @@ def sms_select(video_embeds: torch.Tensor, retention: float) -> tuple[torch.Tens
 
 
 @dataclass
-class SMS(Method):
+class SMS(VisualMethod):
     """Round one, before LLM layer 0, per image or video frame: the cosine similarity of each visual
     token to the frame's reference token is sorted; the knee of that long-tail curve (``knee``
     rule: ``"kneedle"`` or the derivative rule ``"slope"`` with threshold ``slope``) decides how many

@@ -3,15 +3,22 @@ CLIP / SigLIP towers of LLaVA-OneVision and LLaVA-NeXT-Video."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
-from .base import Method
+import torch
+
+from ..context import EncoderTower, MethodContext
+from ..threads import PerThread
+from ..vision.tome import TowerPass, tome_layer, unmerge
+from .base import VisualMethod
 from .options import Fraction, Integer, option
 
 
 @dataclass
-class TomeVision(Method):
+class TomeVision(VisualMethod):
     """In every encoder layer of the vision tower, between attention and MLP, merge ``r`` tokens per
     frame by bipartite matching on the layer's keys (size-weighted means, sizes carried), with
     proportional attention (``log size`` added to the attention logits through SDPA's additive mask);
@@ -46,7 +53,73 @@ class TomeVision(Method):
     def act_layers(self, num_layers: int) -> set[int]:
         return set()
 
-    def setup(self, engine: Any) -> None:
-        from ..vision.tome_tower import TomeTower
+    def setup(self, ctx: MethodContext) -> None:
+        if "token_merge" not in ctx.features:
+            raise ValueError(f"tome-vision merges tokens inside CLIP/SigLIP towers; {ctx.architecture} has none. "
+                             f"Supported: {', '.join(ctx.supported('token_merge'))}. For Qwen-VL video use static")
+        TomeTower(ctx, self)
 
-        TomeTower(engine, self)
+
+class TomeTower:
+    """Hooks of one ``tome-vision`` method on one LLaVA-OneVision (SigLIP) or LLaVA-NeXT-Video (CLIP) model:
+    they run :mod:`tokenreduce.vision.tome` inside the vision tower and unmerge what the tower returns."""
+
+    ctx = PerThread()  # TowerPass of the tower call running in this thread, else None
+
+    def __init__(self, ctx: MethodContext, method: TomeVision) -> None:
+        self.method, self.publish = method, ctx.publish_vision
+        tower: EncoderTower = ctx.tower()
+        self.layers, self.cls, self.patches = tower.blocks, tower.has_cls, tower.patches
+        ctx.wrap(tower.module, "forward", self._tower)
+        for layer in self.layers:
+            ctx.wrap(layer, "forward", partial(self._layer, layer))
+            ctx.add_hook(tower.key_proj(layer).register_forward_hook(self._keys))
+
+    def per_layer(self) -> int:
+        """Tokens merged in each layer: ``r``, or spread evenly so ``retention`` of the patches remain."""
+        if self.method.r is not None:
+            return self.method.r
+        return math.ceil(self.patches * (1 - self.method.retention) / len(self.layers))
+
+    def _keys(self, module, args, output: torch.Tensor) -> None:
+        if self.ctx is not None:
+            self.ctx.keys = output
+
+    def _layer(self, layer, original, hidden_states: torch.Tensor, attention_mask=None, **kwargs: Any):
+        if self.ctx is None:
+            return original(hidden_states, attention_mask, **kwargs)
+        return tome_layer(layer, self.ctx, self.per_layer(), self.cls, hidden_states, attention_mask, **kwargs)
+
+    def _tower(self, original, pixel_values: torch.Tensor, *args: Any, **kwargs: Any):
+        frames = pixel_values.shape[0]
+        n = self.patches + int(self.cls)
+        device = pixel_values.device
+        self.ctx = ctx = TowerPass(size=torch.ones(frames, n, device=device),
+                                   source=torch.arange(n, device=device).expand(frames, n))
+        try:
+            out = original(pixel_values, *args, **kwargs)
+        finally:
+            self.ctx = None
+        full = ctx.source  # the last layer's map
+        for key in ("last_hidden_state",):
+            value = getattr(out, key, None)
+            if isinstance(value, torch.Tensor) and value.shape[1] != n:
+                setattr(out, key, unmerge(value, full))
+        if getattr(out, "hidden_states", None) is not None:
+            out.hidden_states = tuple(self._unmerge_state(h, ctx, n) for h in out.hidden_states)
+        tokens = ctx.tokens_per_layer
+        encoded = sum(tokens) / len(tokens) if tokens else n
+        self.publish({}, {"patches_in": frames * n, "patches_encoded": round(frames * encoded),
+                          "tokens_per_layer": tokens,
+                          "items": [{"kind": "frames", "frames": frames, "tokens_in": n,
+                                     "tokens_out": tokens[-1] if tokens else n, "tokens_per_layer": tokens}]})
+        return out
+
+    @staticmethod
+    def _unmerge_state(h: torch.Tensor, ctx: TowerPass, n: int) -> torch.Tensor:
+        if h is None or h.shape[1] == n:  # not captured (transformers records only the layers read), or full
+            return h
+        source = ctx.maps.get(id(h))
+        if source is None:  # a copy of the last layer's output (e.g. after a final norm)
+            source = ctx.source
+        return unmerge(h, source)

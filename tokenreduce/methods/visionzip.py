@@ -5,15 +5,17 @@ few contextual tokens; per image or video frame."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch.nn import functional as F
 
-from ..layout import IMAGE, VIDEO
-from .base import Method, Selection, Step
+from ..context import MethodContext, Prefill
+from ..layout import IMAGE, VIDEO, per_sample
+from .base import Selection, Step, VisualMethod
 from .options import Fraction, Integer, Number, option
 
 
@@ -57,7 +59,7 @@ def zip_frames(scores: torch.Tensor, keys: torch.Tensor, keep: int, dominant: in
 
 
 @dataclass
-class VisionZip(Method):
+class VisionZip(VisualMethod):
     """Keep ``retention`` of each image's / video frame's visual tokens: a ``dominant_fraction`` share of
     them are the tokens the vision tower attends to most, the others are contextual tokens, each the
     size-weighted mean of a uniformly spaced target token and the remaining tokens whose keys are closest
@@ -85,7 +87,8 @@ class VisionZip(Method):
     name: ClassVar[str] = "visionzip"
     description: ClassVar[str] = ("keep tokens the vision tower attends to most, merge the rest into contextual "
                                   "tokens (VisionZip)")
-    stages: ClassVar[tuple[str, ...]] = ("embed",)  # reads the vision tower (hooks) but does not change it
+    stages: ClassVar[tuple[str, ...]] = ("embed",)
+    reads_tower: ClassVar[bool] = True  # observes the vision tower (hooks) but does not change it
 
     retention: float = option(0.3, Fraction())
     dominant_fraction: float = option(54 / 64, Number(0, 1))
@@ -99,29 +102,14 @@ class VisionZip(Method):
         keep = max(1, min(cells, math.ceil(cells * self.retention - 1e-9)))
         return keep, min(keep, int(keep * self.dominant_fraction + 0.5))
 
-    def setup(self, engine: Any) -> Callable[[], None]:
-        from ..models.tower_probe import probe_for
+    def setup(self, ctx: MethodContext) -> Callable[[], None]:
+        probe = ctx.tower().probe(self.layer)
+        undo = probe.install(ctx.wrap)
 
-        rewriters = [m.name for m in engine.methods if "vision" in m.stages]
-        if rewriters:
-            raise ValueError(f"visionzip reads the vision tower's attention to choose LLM tokens and cannot be "
-                             f"composed with {', '.join(rewriters)}, which rewrite(s) the tower; pick one of them")
-        base = engine.adapter.base_model(engine.model)
-        probe = probe_for(engine.model, base, self.layer)
-        undo_probe = probe.install(engine._wrap)
+        def hand_over(prefill: Prefill) -> None:  # each prefill's reduce reads this probe's last records
+            prefill.memo(self.name).update(probe=probe, grids=prefill.layout.grids)
 
-        def hand_over(module, args, kwargs) -> None:  # runs after the engine built this prefill's state
-            state = engine.state
-            if state is not None:
-                memo = state.memo.setdefault(self.name, {})
-                memo.update(probe=probe, grids=state.layout.grids, notes=engine.stage_notes)
-
-        handle = base.register_forward_pre_hook(hand_over, with_kwargs=True)
-
-        def undo() -> None:
-            handle.remove()
-            undo_probe()
-
+        ctx.on_prefill(hand_over)
         return undo
 
     def reduce(self, step: Step) -> Selection | None:
@@ -174,8 +162,7 @@ class VisionZip(Method):
         goes_to = table[flat.clamp(min=0)]
         dest_row = row_of[torch.where(goes_to >= 0, goes_to, offset)]
         dest = torch.where(in_frame, dest_row, torch.where(step.valid, rows, -1))
-        memo["notes"]["visionzip"] = {"reference": probe.reference, "tower_layer": probe.layer, "items": counts}
-        return Selection(dest)
+        return Selection(dest, notes={"reference": probe.reference, "tower_layer": probe.layer, "items": counts})
 
 
 def _records_per_item(records: dict[int, list], grids: list[list]) -> list[list]:
@@ -192,16 +179,16 @@ def _records_per_item(records: dict[int, list], grids: list[list]) -> list[list]
         if not have or repeat * len(have) != total or len(grids) % repeat:
             raise RuntimeError(f"visionzip: the prompt has {total} {what}s but the vision tower's last {what} "
                                f"encoding holds {len(have)}; was the tower run for this prompt?")
-        n = 0
+        mine = per_sample(len(grids), repeat, partial(_take, iter(have), wanted))
         for b, items in enumerate(wanted):
-            if b % repeat:
-                for i in items:
-                    out[b][i] = out[b - 1][i]
-                continue
-            for i in items:
-                out[b][i] = have[n]
-                n += 1
+            for i, record in zip(items, mine[b], strict=True):
+                out[b][i] = record
     return out
+
+
+def _take(encoded: Iterator[Any], wanted: list[list[int]], b: int) -> list[Any]:
+    """Sample ``b``'s records: the next one of the encoding (batch order) for each of its wanted items."""
+    return [next(encoded) for _ in wanted[b]]
 
 
 __all__ = ["VisionZip", "zip_frames", "zip_record"]

@@ -5,14 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
-from .llava import LlavaVideoAdapter
+from .llava import LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from .qwen_vl import Qwen3VLAdapter, QwenVLAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (QwenVLAdapter(), Qwen3VLAdapter(), LlavaVideoAdapter())
+ADAPTERS: tuple[ModelAdapter, ...] = (QwenVLAdapter(), Qwen3VLAdapter(), LlavaOnevisionAdapter(),
+                                       LlavaNextVideoAdapter())
 
 
-def supported_classes() -> list[str]:
-    return [c for a in ADAPTERS for c in a.classes]
+def supported_classes(feature: str | None = None) -> list[str]:
+    """The supported model classes (with ``feature``: those whose adapter offers it, see ``ModelAdapter``)."""
+    return [c for a in ADAPTERS if feature is None or feature in a.features for c in a.classes]
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

@@ -7,18 +7,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layout import IMAGE, VIDEO, ItemSpec, TokenLayout
+from ..layout import IMAGE, VIDEO, ItemSpec, TokenLayout, per_sample
 
 
 class ModelAdapter:
     """Where a family keeps its LLM layers, which ids are visual and how its frames are laid out.
 
-    Subclasses name the transformers classes they support and implement :meth:`item_specs`.
+    Subclasses name the transformers classes they support and implement :meth:`item_specs`; a family
+    with a vision tower methods may hook builds it in :meth:`tower` and names what it offers in ``features``.
     """
 
     name: str = ""
     classes: tuple[str, ...] = ()
     deepstack: bool = False  # the LLM adds vision features into early layers' visual rows (Qwen3-VL)
+    # "merge_units": a Qwen-VL tower of spatial merge units over 2-frame temporal patches (static);
+    # "token_merge": a CLIP/SigLIP tower whose encoder layers tokens can be merged in (tome-vision)
+    features: frozenset[str] = frozenset()
+
+    def tower(self, model: nn.Module) -> Any:
+        """The model's vision tower as a :class:`tokenreduce.context.Tower` (see ``models.towers``)."""
+        raise ValueError(f"{type(model).__name__} has no vision tower tokenreduce can hook")
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward receives ``input_ids`` and the pixel inputs."""
@@ -104,20 +112,21 @@ def split_per_sample(runs: list[list[list[int]]], specs: list[ItemSpec], what: s
                      ) -> list[list[ItemSpec]]:
     """Hand out batch-ordered item specs to the samples, each item taking ``spec.runs`` runs; with
     ``repeat`` > 1 each described sample stands for ``repeat`` consecutive copies in the batch."""
-    out, pos = [], 0
-    for b, sample_runs in enumerate(runs):
-        if b % repeat:  # a copy of the sample before it
-            out.append(out[-1])
-            continue
+    pos = 0
+
+    def take(b: int) -> list[ItemSpec]:
+        nonlocal pos
         taken, mine = 0, []
-        while taken < len(sample_runs) and pos < len(specs):
+        while taken < len(runs[b]) and pos < len(specs):
             mine.append(specs[pos])
             taken += specs[pos].runs
             pos += 1
-        if taken != len(sample_runs):
-            raise ValueError(f"sample {b} has {len(sample_runs)} runs of {what} tokens but the pixel inputs "
+        if taken != len(runs[b]):
+            raise ValueError(f"sample {b} has {len(runs[b])} runs of {what} tokens but the pixel inputs "
                              f"describe {taken} for it; input_ids and pixel inputs do not match")
-        out.append(mine)
+        return mine
+
+    out = per_sample(len(runs), repeat, take)
     if pos != len(specs):
         raise ValueError(f"the pixel inputs describe {len(specs)} {what}s but the prompt places only {pos}")
     return out

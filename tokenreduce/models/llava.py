@@ -9,19 +9,25 @@ from torch import nn
 
 from ..layout import IMAGE, VIDEO, ItemSpec
 from .base import ModelAdapter
+from .towers import ClipSiglipTower
 
 
 class LlavaVideoAdapter(ModelAdapter):
-    """A video run holds ``frames * tokens_per_frame`` pooled patch tokens (plus, for OneVision,
+    """A video run holds ``frames * tokens_per_frame`` pooled patch tokens (plus, when ``video_newline``,
     one trailing ``image_newline`` token that belongs to no frame). Images (any-resolution tiles
-    with newline tokens) have no frame grid we rely on: an image is one frame of ``n`` tokens."""
+    with newline tokens) have no frame grid we rely on: an image is one frame of ``n`` tokens.
+    ``bilinear_pooling``: video features are pooled bilinearly (OneVision), else by a strided average."""
 
-    name = "llava-video"
-    classes = ("LlavaOnevisionForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
+    features = frozenset({"token_merge"})
+    video_newline: bool = False
+    bilinear_pooling: bool = False
+
+    def tower(self, model: nn.Module) -> ClipSiglipTower:
+        return ClipSiglipTower(model, self.base_model(model), self.bilinear_pooling)
 
     def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]],
                    repeat: int = 1) -> dict[int, list[list[ItemSpec]]]:
-        extra = 1 if type(model).__name__.startswith("LlavaOnevision") else 0
+        extra = 1 if self.video_newline else 0
         pixels = kwargs.get("pixel_values_videos")
         videos = []
         for sample_runs in runs[VIDEO]:
@@ -40,3 +46,15 @@ class LlavaVideoAdapter(ModelAdapter):
             videos.append(specs)
         images = [[ItemSpec(IMAGE, 1, 1, length) for _, length in sample_runs] for sample_runs in runs[IMAGE]]
         return {IMAGE: images, VIDEO: videos}
+
+
+class LlavaOnevisionAdapter(LlavaVideoAdapter):
+    name = "llava-onevision"
+    classes = ("LlavaOnevisionForConditionalGeneration",)
+    video_newline = True
+    bilinear_pooling = True
+
+
+class LlavaNextVideoAdapter(LlavaVideoAdapter):
+    name = "llava-next-video"
+    classes = ("LlavaNextVideoForConditionalGeneration",)

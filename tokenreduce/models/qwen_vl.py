@@ -9,6 +9,7 @@ from torch import nn
 
 from ..layout import IMAGE, VIDEO, ItemSpec
 from .base import ModelAdapter, split_per_sample
+from .towers import QwenTower
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -18,6 +19,10 @@ class QwenVLAdapter(ModelAdapter):
 
     name = "qwen-vl"
     classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    features = frozenset({"merge_units"})
+
+    def tower(self, model: nn.Module) -> QwenTower:
+        return QwenTower(model, self.base_model(model))
 
     def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]],
                    repeat: int = 1) -> dict[int, list[list[ItemSpec]]]:

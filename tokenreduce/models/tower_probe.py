@@ -23,36 +23,17 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..context import TowerRecord
 from ..layout import IMAGE, VIDEO
 from ..threads import PerThread
 
 ELEMENTS_PER_CHUNK = 1 << 24  # softmax entries materialised at once by mean_received_attention
-
-
-@dataclass
-class TowerRecord:
-    """One encoded image or video on the LLM's token grid: ``scores`` ``[frames, cells]`` (reference
-    attention) and ``keys`` ``[frames, cells, head_dim]`` (the layer's keys averaged over heads and over
-    the patches of each LLM token), float32. A NaN score marks a token that stands for no patch (a LLaVA
-    image's row-end newline token)."""
-
-    scores: torch.Tensor
-    keys: torch.Tensor
-
-    @property
-    def frames(self) -> int:
-        return self.scores.shape[0]
-
-    @property
-    def cells(self) -> int:
-        return self.scores.shape[1]
 
 
 def mean_received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -178,12 +159,13 @@ class TowerProbe:
 
 
 class LlavaTowerProbe(TowerProbe):
-    """CLIP (LLaVA-NeXT-Video, CLS reference) or SigLIP (LLaVA-OneVision, mean reference) towers."""
+    """CLIP (LLaVA-NeXT-Video, CLS reference) or SigLIP (LLaVA-OneVision, mean reference) towers;
+    ``bilinear_pooling``: the model pools video features bilinearly (its adapter says so)."""
 
-    def __init__(self, model: nn.Module, base: nn.Module, layer: int | None) -> None:
+    def __init__(self, model: nn.Module, base: nn.Module, layer: int | None, bilinear_pooling: bool) -> None:
         config = model.config
         tower_type = config.vision_config.model_type
-        self.onevision = type(model).__name__.startswith("LlavaOnevision")
+        self.bilinear_pooling = bilinear_pooling
         self.has_cls = tower_type == "clip_vision_model"
         self.reference = "cls" if self.has_cls else "mean"
         strategy = config.vision_feature_select_strategy
@@ -268,7 +250,7 @@ class LlavaTowerProbe(TowerProbe):
             raise RuntimeError(f"visionzip: the tower encoded {maps.shape[0]} frames for {videos} videos of "
                                f"{frames} frames")
         side = math.isqrt(maps.shape[1])
-        if self.onevision:  # the model's own video pooling (bilinear), applied to scores and keys
+        if self.bilinear_pooling:  # the model's own video pooling (bilinear), applied to scores and keys
             pooled = self.base.apply_pooling(maps)
         else:  # LLaVA-NeXT-Video pools stride x stride cells (average/max/conv): scores averaged over the cell
             stride = self.model.config.spatial_pool_stride
@@ -345,15 +327,5 @@ class QwenTowerProbe(TowerProbe):
         return out
 
 
-def probe_for(model: nn.Module, base: nn.Module, layer: int | None) -> TowerProbe:
-    """The probe for ``model``'s vision tower (``base``: its multimodal base model); ``layer`` indexes the
-    tower's layers (negative from the end; None: the layer whose output the LLM reads)."""
-    if hasattr(base, "visual"):
-        return QwenTowerProbe(model, base, layer)
-    if hasattr(base, "vision_tower"):
-        return LlavaTowerProbe(model, base, layer)
-    raise TypeError(f"visionzip: no vision tower probe for {type(model).__name__}")
-
-
 __all__ = ["LlavaTowerProbe", "QwenTowerProbe", "TowerProbe", "TowerRecord", "cls_attention",
-           "mean_received_attention", "probe_for"]
+           "mean_received_attention"]

@@ -1,6 +1,8 @@
-"""Vision-stage reduction: work the vision tower never does.
+"""Vision-stage reduction math, free of any engine or model family: work the vision tower never does.
 
 - :mod:`.static_units`: which Qwen-VL spatial merge units repeat the previous temporal patch (on pixels);
-- :mod:`.qwen_partial`: Qwen2-VL / Qwen2.5-VL / Qwen3-VL towers run on a partial grid of kept units;
 - :mod:`.tome`: token merging (bipartite matching, proportional attention) inside CLIP / SigLIP towers.
+
+The hooks that run them are the methods' own (``methods.static``, ``methods.tome_vision``); running a Qwen-VL
+tower on a partial grid is model-family knowledge (``models.qwen_partial``).
 """

@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/tokenreduce demo $(ARGS)
 
+# ruff, then the layering contract of pyproject.toml ([tool.importlinter]; docs/architecture.md)
 lint: setup
 	$(PY) -m ruff check tokenreduce tests benchmarks integrations
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q $(ARGS)

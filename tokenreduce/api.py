@@ -8,6 +8,7 @@ engine gets the methods of its kind, in the order given.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
 from typing import Any
 
@@ -53,8 +54,11 @@ def _methods(method: str | Method | list | tuple, options: dict[str, Any]) -> li
     return out
 
 
-def patch(model: nn.Module, method: str | Method | list[str | Method], **options: Any) -> nn.Module:
+def patch(model: nn.Module, method: str | Method | list[str | Method] | None = None, **options: Any) -> nn.Module:
     """Install ``method`` on ``model`` in place and return the model.
+
+    Without ``method``, the recommended one for the model's kind (``tokenreduce.defaults``, logged on
+    the ``tokenreduce`` logger at INFO); ``options`` then override its settings.
 
     ``method`` is a registered name (see :func:`methods`) with its options as keyword arguments, a
     method object such as ``FrameFusion(retention=0.3)``, or a list of them to compose methods that
@@ -65,6 +69,13 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
+    if method is None:
+        from .defaults import recommend
+
+        pick = recommend(model)
+        method, options = pick.method, {**pick.options, **options}
+        logging.getLogger("tokenreduce").info("tokenreduce.patch: no method given; using %s with %s: %s",
+                                              pick.method, options, pick.why)
     chosen = _methods(method, options)
     kinds: dict[str, list[Method]] = {}
     for m in chosen:

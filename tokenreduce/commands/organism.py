@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sub = cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     train = sub.add_parser("train", help="train the projector and LoRA from scratch (deterministic seeds)")
     train.add_argument("--videos", type=positive_int, default=1000, help="training videos (default: %(default)s)")
-    train.add_argument("--steps", type=positive_int, default=800, help="optimiser steps (default: %(default)s)")
+    train.add_argument("--steps", type=positive_int, default=700, help="optimiser steps (default: %(default)s)")
     train.add_argument("--batch", type=positive_int, default=2, help="videos per step (default: %(default)s)")
     train.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: %(default)s)")
     train.add_argument("--out", type=Path, help="weights file (default: the packaged organism.safetensors)")

@@ -31,13 +31,14 @@ from .model import CACHE, LORA_TARGETS, WEIGHTS, base
 @dataclass
 class TrainSettings:
     videos: int = 1000
-    steps: int = 800
+    steps: int = 700
     batch: int = 2
-    lr_projector: float = 1e-3
-    lr_lora: float = 4e-4
+    lr_projector: float = 3e-4
+    lr_lora: float = 3e-4
     lora_rank: int = 16
     lora_alpha: float = 32.0
     warmup: int = 30
+    align_videos: int = 300
     seed: int = 0
     threads: int = 1
 
@@ -76,6 +77,58 @@ class StandardisedLinear(nn.Module):
         return self.linear
 
 
+def token_targets(item: Item, cells: int = 4, cell_px: int = 28, min_overlap: float = 0.25
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """Per pooled token of ``item``'s video (frames x cells x cells, row-major): the index into the returned
+    word list of what it shows (the square's colour where the square covers >= ``min_overlap`` of the
+    token's 28 px cell, else the photograph), -1 where the square covers only part of less than that."""
+    from .data import COLOURS, FRAMES, PHOTOS
+
+    words = list(PHOTOS) + list(COLOURS)
+    video = item.video
+    out = torch.empty(FRAMES, cells, cells, dtype=torch.long)
+    boxes = dict(zip(video.flashes, video.boxes, strict=True))
+    for f in range(FRAMES):
+        shown = video.photos[0] if video.cut is None or f < video.cut else video.photos[1]
+        out[f] = words.index(shown)
+        if f in boxes:
+            x, y, side = boxes[f]
+            for r in range(cells):
+                for c in range(cells):
+                    ox = max(0, min(x + side, (c + 1) * cell_px) - max(x, c * cell_px))
+                    oy = max(0, min(y + side, (r + 1) * cell_px) - max(y, r * cell_px))
+                    frac = ox * oy / cell_px ** 2
+                    if frac >= min_overlap:
+                        out[f, r, c] = words.index(video.colour)
+                    elif frac > 0:
+                        out[f, r, c] = -1
+    return out.flatten(1), words
+
+
+@torch.no_grad()
+def align_projector(proj: nn.Module, items: list[Item], feats: torch.Tensor, embeddings: torch.Tensor,
+                    word_ids: dict[str, int], ridge: float = 1.0) -> float:
+    """LLaVA's first stage (feature alignment) in closed form: keep the projector's first layer, and set its
+    second by ridge regression so that each visual token lands on the input embedding of the word for
+    what it shows (its photograph's name, or the square's colour). The LLM then starts from word-like
+    visual tokens instead of noise; training goes on from there. Returns the fit's R^2."""
+    hidden, target = [], []
+    for item, f in zip(items, feats, strict=True):
+        labels, words = token_targets(item)
+        keep = labels.flatten() >= 0
+        h = nn.functional.gelu(proj.linear_1(f.float().flatten(0, 1)))
+        hidden.append(h[keep])
+        target.append(embeddings[[word_ids[words[i]] for i in labels.flatten()[keep].tolist()]])
+    h, y = torch.cat(hidden), torch.cat(target)
+    h1 = torch.cat([h, torch.ones(len(h), 1)], 1).double()
+    gram = h1.t() @ h1 + ridge * torch.eye(h1.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, h1.t() @ y.double()).float()
+    proj.linear_2.weight.copy_(w[:-1].t())
+    proj.linear_2.bias.copy_(w[-1])
+    fit = h1.float() @ w
+    return float(1 - (fit - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
 def add_lora(language_model: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
     """Wrap the attention projections of every layer; returns {module name: wrapper}."""
     wrapped = {}
@@ -89,6 +142,14 @@ def add_lora(language_model: nn.Module, rank: int, alpha: float) -> dict[str, Lo
     return wrapped
 
 
+def seqs_word(tokenizer: Any, word: str) -> int:
+    """The single token of ``" " + word``; ValueError if the tokenizer splits it."""
+    ids = tokenizer.encode(" " + word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"answer word {word!r} is not one token for this tokenizer: {ids}")
+    return ids[0]
+
+
 class Sequences:
     """Token ids of "<video> x N" + questions and answers, and where each answer is predicted."""
 
@@ -97,10 +158,7 @@ class Sequences:
         self.option_ids = {task: [self._word(w) for w in words] for task, words in OPTIONS.items()}
 
     def _word(self, word: str) -> int:
-        ids = self.tok.encode(" " + word, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(f"answer word {word!r} is not one token for this tokenizer: {ids}")
-        return ids[0]
+        return seqs_word(self.tok, word)
 
     def build(self, item: Item, order: list[int]) -> tuple[list[int], list[tuple[int, str, int]]]:
         """ids, and per question (position predicting the answer, task, answer's option index). The first
@@ -167,6 +225,9 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     proj = model.model.multi_modal_projector
     std = feats[:200].float().flatten(0, 2).std(0)
     proj.linear_1 = StandardisedLinear(proj.linear_1, 1 / (std + 1e-3))
+    word_ids = {w: seqs_word(proc.tokenizer, w) for ws in OPTIONS.values() for w in ws}
+    r2 = align_projector(proj, items[:settings.align_videos], feats[:settings.align_videos],
+                         model.model.language_model.embed_tokens.weight, word_ids)
     projector = list(proj.parameters())
     for p in projector:
         p.requires_grad_(True)
@@ -209,6 +270,7 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     from .model import sha256
 
     record = {"settings": asdict(settings), "train_seconds": round(seconds, 1), "sha256": sha256(out),
+              "alignment_r2": round(r2, 4),
               "loss": [round(c[0], 4) for c in curve], "batch_accuracy": [round(c[1], 3) for c in curve]}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     _plot(curve, out.with_suffix(".png"))

@@ -3,7 +3,8 @@
 
 * budget from the real depth (ours: AIM prunes from half to three quarters of the model's own depth,
   PyramidDrop stages at its quarters) vs the papers' absolute layers for a 28-layer LLM (AIM 14 -> 21,
-  PyramidDrop 7 / 14 / 21), both at retention 0.3.
+  PyramidDrop 7 / 14 / 21), both at retention 0.3;
+* and ShortV, which needs a calibration profile: calibrated here on training videos (``--shortv N``).
 
     python benchmarks/organism_ablations.py --out results/organism   # the eval's --out: done runs are reused
 
@@ -24,9 +25,11 @@ import torch
 if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import tokenreduce  # noqa: E402
 from tokenreduce.eval.report import summarize  # noqa: E402
 from tokenreduce.eval.runner import DENSE, Config, RunSettings, evaluate, sample_key  # noqa: E402
-from tokenreduce.organism.evaluate import WordPrompter, samples  # noqa: E402
+from tokenreduce.organism.data import render, train_items  # noqa: E402
+from tokenreduce.organism.evaluate import WordPrompter, prompt_inputs, samples  # noqa: E402
 from tokenreduce.organism.model import load  # noqa: E402
 from tokenreduce.organism.report import rows  # noqa: E402
 
@@ -43,11 +46,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the folder of tokenreduce eval --organism")
     parser.add_argument("--per-task", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shortv", type=int, default=8, metavar="N",
+                        help="also ShortV, calibrated on N training videos (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, proc = load()
     items = samples(args.out / "organism_data", args.per_task)
     configs = [Config(DENSE)] + [c for pair in ABLATIONS for c in pair]
+    if args.shortv:  # ShortV needs a calibration profile: made on training videos, never the test split
+        calib = [prompt_inputs(proc, it.questions[0].text, render(it.video)) for it in train_items(args.shortv)]
+        profile = tokenreduce.calibrate(model, "shortv", calib)
+        configs.append(Config("shortv (calibrated on train)", ("shortv",), None, {"profile": profile}))
     evaluate(model, WordPrompter(proc), items, configs, args.out / "results.jsonl", RunSettings(num_frames=8))
     summary = summarize(args.out / "results.jsonl", {sample_key(s) for s in items}, configs, [], {})
     table = rows(summary)

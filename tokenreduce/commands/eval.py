@@ -147,14 +147,16 @@ def run_eval(args: argparse.Namespace) -> int:
         notes.append(RANDOM_NOTE)
     if args.needle:
         notes.append("synthetic needle task (one frame carries the answer)")
-    meta = {"model": name, "format": args.format, "data": str(data), "frames": args.frames,
+    meta = {"model": name, "format": "organism" if args.organism else args.format, "data": str(data),
+            "frames": args.frames,
             "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
             "answer_extraction": ("highest next-token logit among the option words after the prompt" if args.organism
                                   else "highest next-token logit among the option letters after the prompt")
                                  + ("; generated text parsed too (gen_*)" if args.max_new_tokens else ""),
             "note": "; ".join(notes),
-            "plot_title": f"{name} on {args.format}" + (" (random weights: plumbing only)" * args.tiny),
+            "plot_title": f"{name} on {'its test split' if args.organism else args.format}"
+                          + (" (random weights: plumbing only)" * args.tiny),
             "counts": counts}
     summary = summarize(results, {sample_key(s) for s in samples}, configs, problems, meta)
     written = write_reports(summary, args.out)

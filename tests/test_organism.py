@@ -156,3 +156,11 @@ def test_wilson_interval():
     lo, hi = wilson(18, 20)
     assert abs(lo - 0.699) < 2e-3 and abs(hi - 0.972) < 2e-3
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_eval_cli_needs_a_data_source_and_organism_brings_its_own(tmp_path):
+    from tokenreduce.cli import main
+
+    assert main(["eval", "--tiny", "--out", str(tmp_path)]) == 2  # neither --data, --needle nor --organism
+    assert main(["eval", "--organism", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--organism", "--needle", "--out", str(tmp_path)]) == 2

@@ -8,6 +8,7 @@ engine gets the methods of its kind, in the order given.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from .calibration import AttentionObserver
+from .defaults import VISUAL, Default
 from .hooks import ENGINE_ATTR, KV_ATTR
 from .methods import REGISTRY, Method, make_method
 from .profiles import load_profile, save_profile
@@ -64,8 +66,11 @@ def _methods(method: str | Method | list | tuple, options: dict[str, Any]) -> li
     return out
 
 
-def patch(model: nn.Module, method: str | Method | list[str | Method], **options: Any) -> nn.Module:
+def patch(model: nn.Module, method: str | Method | list[str | Method] | None = None, **options: Any) -> nn.Module:
     """Install ``method`` on ``model`` in place and return the model.
+
+    Without ``method``, the recommended one for the model's kind (``tokenreduce.defaults``, logged on
+    the ``tokenreduce`` logger at INFO); ``options`` then override its settings.
 
     ``method`` is a registered name (see :func:`methods`) with its options as keyword arguments, a
     method object such as ``FrameFusion(retention=0.3)``, or a list of them to compose methods that
@@ -78,6 +83,11 @@ def patch(model: nn.Module, method: str | Method | list[str | Method], **options
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
+    if method is None:
+        pick = recommend(model)
+        method, options = pick.method, {**pick.options, **options}
+        logging.getLogger("tokenreduce").info("tokenreduce.patch: no method given; using %s with %s: %s",
+                                              pick.method, options, pick.why)
     chosen = _methods(method, options)
     kinds: dict[str, list[Method]] = {}
     for m in chosen:
@@ -197,3 +207,21 @@ class Calibration:
 
 
 __all__ = ["calibrate", "is_patched", "load_profile", "patch", "save_profile", "stats", "unpatch"]
+
+
+def recommend(model: nn.Module) -> Default:
+    """The default method for ``model``'s kind; ValueError listing the choices when there is none."""
+    from .models import adapter_for  # model adapters load with the engines (see _make_engine)
+
+    try:
+        adapter_for(model)
+    except TypeError:
+        kv = sorted(n for n, c in REGISTRY.items() if c.engine == "kv")
+        visual = sorted(n for n, c in REGISTRY.items() if c.engine != "kv")
+        kind = "a text-only LLM" if hasattr(model, "get_input_embeddings") else f"a {type(model).__name__}"
+        raise ValueError(
+            f"tokenreduce.patch(model) picks a default only for the supported video/image LLM classes; this is "
+            f"{kind}, where no KV-cache method is safe for every task. Name one: "
+            f"tokenreduce.patch(model, NAME, ...) with NAME among the KV-cache methods {', '.join(kv)} "
+            f"(visual methods {', '.join(visual)} need a supported video/image LLM)") from None
+    return VISUAL

@@ -11,6 +11,8 @@ from ..video import BACKENDS
 from .common import UsageError, device_and_dtype, option, positive_int, user_call
 
 FORMATS = ("videomme", "mvbench", "mlvu", "egoschema", "imageqa")  # tokenreduce.eval.datasets.FORMATS
+FRAMES_ORGANISM = 8  # tokenreduce.organism.data.FRAMES (kept here so --help needs no import)
+ORGANISM_NAME = "organism (DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, trained projector + LoRA)"
 RANDOM_NOTE = ("random-weight model: these numbers check the plumbing (decoding, prompts, scoring), not accuracy")
 
 
@@ -38,13 +40,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     what.add_argument("--model", metavar="PATH", help="local Hugging Face model folder with its processor")
     what.add_argument("--tiny", action="store_true",
                       help="a tiny random-weight Qwen2-VL with a built-in processor (plumbing check; seconds on CPU)")
+    what.add_argument("--organism", action="store_true",
+                      help="the trained organism (DINOv2 + SmolLM2-135M as LLaVA-NeXT-Video, see docs/organism.md) on "
+                           "its own procedural test split (needs no --data; answers are option words)")
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
 
     data = cmd.add_argument_group("data")
     data.add_argument("--format", choices=FORMATS, default="mvbench", help="dataset format (default: %(default)s)")
-    source = data.add_mutually_exclusive_group(required=True)
+    source = data.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, metavar="PATH",
                         help="the benchmark's annotation file or folder (see docs: Video-MME folder or parquet/json; "
                              "MVBench/MLVU folder with json/; EgoSchema folder with questions.json; imageqa .jsonl)")
@@ -57,6 +62,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="let annotation files name media outside the media folder (absolute paths, '..'); "
                            "refused by default so that a downloaded annotation file cannot open any file")
     data.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N questions only")
+    data.add_argument("--per-task", type=positive_int, default=20, metavar="N",
+                      help="--organism: test questions per task (default: %(default)s)")
     data.add_argument("--frames", type=positive_int, default=8, metavar="N",
                       help="frames sampled evenly from each video (default: %(default)s)")
     data.add_argument("--video-backend", choices=BACKENDS,
@@ -100,6 +107,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..eval.report import markdown, summarize, write_reports
     from ..eval.runner import RunSettings, evaluate, expected_settings, make_configs
     from ..methods import REGISTRY
+    from ..organism.evaluate import WordPrompter
     from ..video import video_backend
 
     if args.max_new_tokens < 0:
@@ -112,15 +120,26 @@ def run_eval(args: argparse.Namespace) -> int:
     configs = user_call(make_configs, methods, _floats(args.retentions, "--retentions"), dict(args.option))
     device, dtype = device_and_dtype(args.device, args.dtype)
 
-    if args.needle:
+    if args.organism:
+        if args.data or args.needle:
+            raise UsageError("--organism brings its own test split; drop --data/--needle")
+        from ..organism.evaluate import samples as organism_samples
+
+        args.frames = FRAMES_ORGANISM
+        data = args.out / "organism_data"
+        samples, problems = organism_samples(data, args.per_task), []
+    elif not (args.data or args.needle):
+        raise UsageError("give --data PATH, --needle or --organism")
+    elif args.needle:
         from ..eval.needle import write_needle_dataset
 
         data = write_needle_dataset(args.out / "needle_data" / args.format, args.format,
                                     frames=max(args.frames, 8))
     else:
         data = args.data
-    samples, problems = user_call(read_dataset, args.format, data, args.media,
-                                  allow_outside_media=args.allow_outside_media)
+    if not args.organism:
+        samples, problems = user_call(read_dataset, args.format, data, args.media,
+                                      allow_outside_media=args.allow_outside_media)
     samples = samples[: args.limit] if args.limit else samples
     for msg in problems:
         print(f"skipped: {msg}")
@@ -128,7 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"no usable questions in {data} ({len(problems)} records skipped)")
 
     model, processor, name, identity = _load(args, device, dtype)
-    prompter = ChatPrompter(processor)
+    prompter = WordPrompter(processor) if args.organism else ChatPrompter(processor)
     for config in configs[1:]:  # a method that does not fit the model fails now, not on every sample
         user_call(config.patch, model)
         api.unpatch(model)
@@ -143,17 +162,23 @@ def run_eval(args: argparse.Namespace) -> int:
         notes.append(RANDOM_NOTE)
     if args.needle:
         notes.append("synthetic needle task (one frame carries the answer)")
-    meta = {"model": name, "format": args.format, "data": str(data), "frames": args.frames,
-            "video_backend": video_backend(args.video_backend),
+    meta = {"model": name, "format": "organism" if args.organism else args.format, "data": str(data),
+            "frames": args.frames, "video_backend": video_backend(args.video_backend),
             "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-            "answer_extraction": "highest next-token logit among the option letters after the prompt"
+            "answer_extraction": ("highest next-token logit among the option words after the prompt" if args.organism
+                                  else "highest next-token logit among the option letters after the prompt")
                                  + ("; generated text parsed too (gen_*)" if args.max_new_tokens else ""),
             "note": "; ".join(notes),
-            "plot_title": f"{name} on {args.format}" + (" (random weights: plumbing only)" * args.tiny),
+            "plot_title": f"{name} on {'its test split' if args.organism else args.format}"
+                          + (" (random weights: plumbing only)" * args.tiny),
             "counts": counts}
     summary = summarize(results, expected_settings(samples, configs, settings, prompter), configs, problems, meta)
     written = write_reports(summary, args.out)
+    if args.organism:
+        from ..organism.report import write_organism_report
+
+        written += write_organism_report(summary, args.out)
     print(markdown(summary))
     print(f"{counts['run']} new results, {counts['skipped']} resumed from {results}, {counts['outdated']} made "
           "with other settings run again, "
@@ -163,8 +188,16 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, device, dtype):
-    """(model, processor, display name, identity for the results' settings) from --model PATH, or the tiny
-    random model with its built-in processor."""
+    """(model, processor, display name, identity for the results' settings) from --model PATH, the trained
+    organism, or the tiny random model with its built-in processor."""
+    if args.organism:
+        from ..organism.model import WEIGHTS, load, sha256
+
+        try:
+            model, processor = load()
+        except (FileNotFoundError, ImportError) as err:
+            raise UsageError(str(err)) from err
+        return model.to(device, dtype), processor, ORGANISM_NAME, f"organism (weights sha256 {sha256(WEIGHTS)[:12]})"
     if args.tiny:
         from ..eval.tiny import tiny_processor
         from ..testing import tiny_model

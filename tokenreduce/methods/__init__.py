@@ -32,8 +32,15 @@ from .framefusion import FrameFusion  # noqa: E402
 
 
 def methods() -> dict[str, str]:
-    """Registered method names with a one-line description each."""
-    return {name: cls.description for name, cls in REGISTRY.items()}
+    """Registered method names with a one-line description each; the default of ``tokenreduce.patch(model)``
+    for video/image LLMs says so, with the measurement it rests on (``tokenreduce.defaults``)."""
+    from ..defaults import VISUAL
+
+    out = {name: cls.description for name, cls in REGISTRY.items()}
+    if VISUAL.method in out:
+        out[VISUAL.method] += (f" [default of tokenreduce.patch(model) for video/image LLMs, "
+                               f"{', '.join(f'{k}={v}' for k, v in VISUAL.options.items())}: {VISUAL.why}]")
+    return out
 
 
 def make_method(method: str | Method, **options) -> Method:

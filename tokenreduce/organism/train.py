@@ -1,0 +1,298 @@
+"""Training the organism's connector: the LLaVA projector plus LoRA on the LLM's attention.
+
+The tower's pre-projector features are cached once per video (:mod:`.features`); each step runs the
+projector and the LLM on a batch of videos, each followed by all of its questions ("Question: ...
+\\nAnswer: <word>" lines), and takes the cross-entropy of each answer over its task's option words at
+the position before the answer (the LM head only there; the option set is what evaluation scores).
+LoRA (Hu et al., 2021, ``B = 0`` at the start, so training starts from the pretrained LLM) is our
+own few lines, merged into the weights when loading, so neither training nor using the model needs
+``peft``. Seeds are fixed: the same command gives the same weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import OPTIONS, Item, train_items
+from .features import cache_features
+from .model import CACHE, LORA_TARGETS, WEIGHTS, base
+
+
+@dataclass
+class TrainSettings:
+    videos: int = 1000
+    steps: int = 700
+    batch: int = 2
+    lr_projector: float = 3e-4
+    lr_lora: float = 3e-4
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    warmup: int = 30
+    align_videos: int = 300
+    seed: int = 0
+    threads: int = 1
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * x A^T B^T`` with ``A`` [rank, in] and ``B`` [out, rank] trained, ``base`` frozen."""
+
+    def __init__(self, base_linear: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base_linear
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base_linear.in_features) / math.sqrt(base_linear.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base_linear.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+
+class StandardisedLinear(nn.Module):
+    """``linear(x * scale)``: the projector's first layer trained on per-channel standardised inputs. DINOv2's
+    layer-6 features are ~25x smaller than its layer-12 ones (rms 0.1 vs 2.3), so without this the layer-6
+    columns (the colour) learn that much slower under Adam. :meth:`fold` writes ``weight * scale`` back
+    into the plain ``nn.Linear``: the saved model computes the same function."""
+
+    def __init__(self, linear: nn.Linear, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.scale)
+
+    def fold(self) -> nn.Linear:
+        with torch.no_grad():
+            self.linear.weight.mul_(self.scale)
+        return self.linear
+
+
+def token_targets(item: Item, cells: int = 4, cell_px: int = 28, min_overlap: float = 0.25
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """Per pooled token of ``item``'s video (frames x cells x cells, row-major): the index into the returned
+    word list of what it shows (the square's colour where the square covers >= ``min_overlap`` of the
+    token's 28 px cell, else the photograph), -1 where the square covers only part of less than that."""
+    from .data import COLOURS, FRAMES, PHOTOS
+
+    words = list(PHOTOS) + list(COLOURS)
+    video = item.video
+    out = torch.empty(FRAMES, cells, cells, dtype=torch.long)
+    boxes = dict(zip(video.flashes, video.boxes, strict=True))
+    for f in range(FRAMES):
+        shown = video.photos[0] if video.cut is None or f < video.cut else video.photos[1]
+        out[f] = words.index(shown)
+        if f in boxes:
+            x, y, side = boxes[f]
+            for r in range(cells):
+                for c in range(cells):
+                    ox = max(0, min(x + side, (c + 1) * cell_px) - max(x, c * cell_px))
+                    oy = max(0, min(y + side, (r + 1) * cell_px) - max(y, r * cell_px))
+                    frac = ox * oy / cell_px ** 2
+                    if frac >= min_overlap:
+                        out[f, r, c] = words.index(video.colour)
+                    elif frac > 0:
+                        out[f, r, c] = -1
+    return out.flatten(1), words
+
+
+@torch.no_grad()
+def align_projector(proj: nn.Module, items: list[Item], feats: torch.Tensor, embeddings: torch.Tensor,
+                    word_ids: dict[str, int], ridge: float = 1.0) -> float:
+    """LLaVA's first stage (feature alignment) in closed form: keep the projector's first layer, and set its
+    second by ridge regression so that each visual token lands on the input embedding of the word for
+    what it shows (its photograph's name, or the square's colour). The LLM then starts from word-like
+    visual tokens instead of noise; training goes on from there. Returns the fit's R^2."""
+    hidden, target = [], []
+    for item, f in zip(items, feats, strict=True):
+        labels, words = token_targets(item)
+        keep = labels.flatten() >= 0
+        h = nn.functional.gelu(proj.linear_1(f.float().flatten(0, 1)))
+        hidden.append(h[keep])
+        target.append(embeddings[[word_ids[words[i]] for i in labels.flatten()[keep].tolist()]])
+    h, y = torch.cat(hidden), torch.cat(target)
+    h1 = torch.cat([h, torch.ones(len(h), 1)], 1).double()
+    gram = h1.t() @ h1 + ridge * torch.eye(h1.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, h1.t() @ y.double()).float()
+    proj.linear_2.weight.copy_(w[:-1].t())
+    proj.linear_2.bias.copy_(w[-1])
+    fit = h1.float() @ w
+    return float(1 - (fit - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
+def add_lora(language_model: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
+    """Wrap the attention projections of every layer; returns {module name: wrapper}."""
+    wrapped = {}
+    for name, module in list(language_model.named_modules()):
+        for target in LORA_TARGETS:
+            child = getattr(module, target, None)
+            if isinstance(child, nn.Linear):
+                wrapper = LoRALinear(child, rank, alpha)
+                setattr(module, target, wrapper)
+                wrapped[f"{name}.{target}"] = wrapper
+    return wrapped
+
+
+def seqs_word(tokenizer: Any, word: str) -> int:
+    """The single token of ``" " + word``; ValueError if the tokenizer splits it."""
+    ids = tokenizer.encode(" " + word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"answer word {word!r} is not one token for this tokenizer: {ids}")
+    return ids[0]
+
+
+class Sequences:
+    """Token ids of "<video> x N" + questions and answers, and where each answer is predicted."""
+
+    def __init__(self, tokenizer: Any, video_id: int, visual_tokens: int) -> None:
+        self.tok, self.video_id, self.visual = tokenizer, video_id, visual_tokens
+        self.option_ids = {task: [self._word(w) for w in words] for task, words in OPTIONS.items()}
+
+    def _word(self, word: str) -> int:
+        return seqs_word(self.tok, word)
+
+    def build(self, item: Item, order: list[int]) -> tuple[list[int], list[tuple[int, str, int]]]:
+        """ids, and per question (position predicting the answer, task, answer's option index). The first
+        question's tokens equal the processor's prompt for that question alone (tested)."""
+        ids = [self.video_id] * self.visual
+        targets = []
+        for k in order:
+            q = item.questions[k]
+            ids += self.tok.encode(f"\nQuestion: {q.text}\nAnswer:", add_special_tokens=False)
+            targets.append((len(ids) - 1, q.task, q.options.index(q.answer)))
+            ids.append(self.option_ids[q.task][q.options.index(q.answer)])
+        return ids, targets
+
+
+def embed(model: nn.Module, ids: torch.Tensor, feats: torch.Tensor, video_id: int) -> torch.Tensor:
+    """Input embeddings with the projected cached features in the video tokens' rows, as
+    ``LlavaNextVideoModel.forward`` places ``get_video_features``' output."""
+    inner = model.model
+    emb = inner.language_model.embed_tokens(ids)
+    vis = inner.multi_modal_projector(feats.float()).flatten(1, 2)  # [B, frames * tokens, hidden]
+    mask = (ids == video_id).unsqueeze(-1).expand_as(emb)
+    return emb.masked_scatter(mask, vis.to(emb.dtype))
+
+
+def option_logits(model: nn.Module, hidden: torch.Tensor, option_ids: list[int]) -> torch.Tensor:
+    return hidden @ model.lm_head.weight[option_ids].t()
+
+
+def batch_loss(model: nn.Module, seqs: Sequences, items: list[Item], feats: torch.Tensor,
+               rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy over the batch's answers (each over its task's options) and their accuracy."""
+    built = [seqs.build(item, list(rng.permutation(len(item.questions)))) for item in items]
+    length = max(len(ids) for ids, _ in built)
+    ids = torch.full((len(built), length), seqs.tok.pad_token_id or 0)
+    mask = torch.zeros((len(built), length), dtype=torch.long)
+    for b, (row, _) in enumerate(built):
+        ids[b, :len(row)] = torch.tensor(row)
+        mask[b, :len(row)] = 1
+    emb = embed(model, ids, feats, seqs.video_id)
+    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    losses, hits = [], 0
+    for b, (_, targets) in enumerate(built):
+        for pos, task, answer in targets:
+            logits = option_logits(model, hidden[b, pos], seqs.option_ids[task])
+            losses.append(nn.functional.cross_entropy(logits[None], torch.tensor([answer])))
+            hits += int(logits.argmax()) == answer
+    return torch.stack(losses).mean(), hits / len(losses)
+
+
+def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -> dict[str, Any]:
+    """Train from scratch and write ``out`` (safetensors), ``out``.json (settings, loss curve, sha256,
+    time) and ``out``.png (loss curve). Returns the json's content."""
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model, proc = base()
+    items = train_items(settings.videos)
+    feats = cache_features(model, items, CACHE / "organism" / f"train-{settings.videos}.pt", progress)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = add_lora(model.model.language_model, settings.lora_rank, settings.lora_alpha)
+    proj = model.model.multi_modal_projector
+    std = feats[:200].float().flatten(0, 2).std(0)
+    proj.linear_1 = StandardisedLinear(proj.linear_1, 1 / (std + 1e-3))
+    word_ids = {w: seqs_word(proc.tokenizer, w) for ws in OPTIONS.values() for w in ws}
+    r2 = align_projector(proj, items[:settings.align_videos], feats[:settings.align_videos],
+                         model.model.language_model.embed_tokens.weight, word_ids)
+    projector = list(proj.parameters())
+    for p in projector:
+        p.requires_grad_(True)
+    lora_params = [p for w in lora.values() for p in (w.lora_A, w.lora_B)]
+    opt = torch.optim.AdamW([{"params": projector, "lr": settings.lr_projector},
+                             {"params": lora_params, "lr": settings.lr_lora}], weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    seqs = Sequences(proc.tokenizer, model.config.video_token_id, feats.shape[1] * feats.shape[2])
+    model.train()
+    curve, start = [], time.time()
+    order = rng.permutation(len(items))
+    cursor = 0
+    bar = tqdm(range(settings.steps), desc="train", unit="step", disable=not progress)
+    for step in bar:
+        if cursor + settings.batch > len(order):
+            order, cursor = rng.permutation(len(items)), 0
+        idx = order[cursor:cursor + settings.batch]
+        cursor += settings.batch
+        warm = min(1.0, (step + 1) / settings.warmup)
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = lr * warm * decay
+        loss, acc = batch_loss(model, seqs, [items[i] for i in idx], feats[torch.as_tensor(idx)], rng)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(projector + lora_params, 1.0)
+        opt.step()
+        curve.append((float(loss.detach()), acc))
+        bar.set_postfix(loss=f"{np.mean([c[0] for c in curve[-20:]]):.3f}",
+                        acc=f"{np.mean([c[1] for c in curve[-20:]]):.2f}")
+    seconds = time.time() - start
+    proj.linear_1 = proj.linear_1.fold()
+    state = {f"projector.{k}": v.detach().contiguous() for k, v in proj.state_dict().items()}
+    for name, w in lora.items():
+        state[f"lora.{name}.lora_A"] = w.lora_A.detach().contiguous()
+        state[f"lora.{name}.lora_B"] = w.lora_B.detach().contiguous()
+    meta = {"settings": json.dumps({**asdict(settings), "lora_scale": settings.lora_alpha / settings.lora_rank})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata=meta)
+    from .model import sha256
+
+    record = {"settings": asdict(settings), "train_seconds": round(seconds, 1), "sha256": sha256(out),
+              "alignment_r2": round(r2, 4),
+              "loss": [round(c[0], 4) for c in curve], "batch_accuracy": [round(c[1], 3) for c in curve]}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    _plot(curve, out.with_suffix(".png"))
+    return record
+
+
+def _plot(curve: list[tuple[float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss = np.array([c[0] for c in curve])
+    k = max(1, len(loss) // 30)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(loss, alpha=0.3, label="batch")
+    ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy over the options")
+    ax.set_title("organism training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-# this folder holds a kernels.py that would shadow the `kernels` package transformers may import
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 from dataclasses import fields
 
+from ..defaults import VISUAL
 from .base import REGISTRY, Method, Selection, Step, VisualMethod
 
 _PACKAGES = (__name__, "tokenreduce.kv.methods")
@@ -34,8 +35,6 @@ from .framefusion import FrameFusion  # noqa: E402
 def methods() -> dict[str, str]:
     """Registered method names with a one-line description each; the default of ``tokenreduce.patch(model)``
     for video/image LLMs says so, with the measurement it rests on (``tokenreduce.defaults``)."""
-    from ..defaults import VISUAL
-
     out = {name: cls.description for name, cls in REGISTRY.items()}
     if VISUAL.method in out:
         out[VISUAL.method] += (f" [default of tokenreduce.patch(model) for video/image LLMs, "

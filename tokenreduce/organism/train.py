@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import OPTIONS, Item, train_items
+from .data import COLOURS, FRAMES, OPTIONS, PHOTOS, Item, train_items
 from .features import cache_features
-from .model import CACHE, LORA_TARGETS, WEIGHTS, base
+from .model import CACHE, LORA_TARGETS, WEIGHTS, base, sha256
 
 
 @dataclass
@@ -82,8 +82,6 @@ def token_targets(item: Item, cells: int = 4, cell_px: int = 28, min_overlap: fl
     """Per pooled token of ``item``'s video (frames x cells x cells, row-major): the index into the returned
     word list of what it shows (the square's colour where the square covers >= ``min_overlap`` of the
     token's 28 px cell, else the photograph), -1 where the square covers only part of less than that."""
-    from .data import COLOURS, FRAMES, PHOTOS
-
     words = list(PHOTOS) + list(COLOURS)
     video = item.video
     out = torch.empty(FRAMES, cells, cells, dtype=torch.long)
@@ -267,8 +265,6 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     meta = {"settings": json.dumps({**asdict(settings), "lora_scale": settings.lora_alpha / settings.lora_rank})}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=meta)
-    from .model import sha256
-
     record = {"settings": asdict(settings), "train_seconds": round(seconds, 1), "sha256": sha256(out),
               "alignment_r2": round(r2, 4),
               "loss": [round(c[0], 4) for c in curve], "batch_accuracy": [round(c[1], 3) for c in curve]}

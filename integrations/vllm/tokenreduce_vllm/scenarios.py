@@ -11,7 +11,10 @@ old engine tears down under a new one."""
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,3 +414,18 @@ def _dense_video_tokens(family: str, frames: int, size: int) -> int:
     if family == "llava_onevision":
         return frames * 4 + 1
     return frames // 2 * (size // 28) ** 2
+
+
+def isolated(name: str, model_dir, family: str, options: dict, **kwargs) -> list[str]:
+    """Run ``scenarios.<name>`` in a fresh Python process and return its problems. Engines started one
+    after another in one process share vLLM's process-wide state (parallel groups, environment cache),
+    and in a long pytest session a late-collected engine was seen to tear it down under a later one."""
+    spec = json.dumps({"name": name, "args": [str(model_dir), family, options], "kwargs": kwargs})
+    code = ("import json, sys\nfrom tokenreduce_vllm import scenarios as s\nspec = json.loads(sys.argv[1])\n"
+            "kwargs = spec['kwargs']\nif 'check' in kwargs:\n    kwargs['check'] = s.Check(**kwargs['check'])\n"
+            "problems = getattr(s, spec['name'])(*spec['args'], **kwargs)\nprint('PROBLEMS ' + json.dumps(problems))\n")
+    done = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=1200)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PROBLEMS ")]
+    if not lines:
+        return [f"scenario {name} failed (exit {done.returncode}): {done.stderr[-3000:]}"]
+    return json.loads(lines[-1][len("PROBLEMS "):])

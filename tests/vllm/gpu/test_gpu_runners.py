@@ -22,11 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tokenreduce_vllm import scenarios  # noqa: E402
 from tokenreduce_vllm.testing import FAMILIES  # noqa: E402
 
+# engine options and the scenarios.Check fields (scenarios run in fresh processes: JSON-able)
 PROFILES = {
     "fp32-eager": ({"dtype": "float32", "enforce_eager": True, "block_size": 16, "gpu_memory_utilization": 0.3},
-                   scenarios.Check(atol=1e-3)),
+                   {"atol": 1e-3}),
     "bf16-graphs": ({"dtype": "bfloat16", "block_size": 16, "gpu_memory_utilization": 0.3},
-                    scenarios.Check(atol=0.05, tokens=False, positions=False)),
+                    {"atol": 0.05, "tokens": False, "positions": False}),
 }
 
 
@@ -44,35 +45,35 @@ def _no_problems(problems: list[str]) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_cache_hit_past_the_video(model_dirs, family, profile, runner):
     options, check = PROFILES[profile]
-    _no_problems(scenarios.prefix_cache(model_dirs[family], family, options, check=check))
+    _no_problems(scenarios.isolated("prefix_cache", model_dirs[family], family, options, check=check))
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunk_boundaries_around_media(model_dirs, family, profile, runner):
     options, check = PROFILES[profile]
-    _no_problems(scenarios.chunk_boundaries(model_dirs[family], family, options, check=check))
+    _no_problems(scenarios.isolated("chunk_boundaries", model_dirs[family], family, options, check=check))
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_first_block_different_videos(model_dirs, family, profile, runner):
     options, check = PROFILES[profile]
-    _no_problems(scenarios.shared_prefix(model_dirs[family], family, options, block_size=16, check=check))
+    _no_problems(scenarios.isolated("shared_prefix", model_dirs[family], family, options, block_size=16, check=check))
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_dense_prompt_beyond_max_model_len(model_dirs, family, profile, runner):
     options, check = PROFILES[profile]
-    _no_problems(scenarios.long_video(model_dirs[family], family, options, check=check))
+    _no_problems(scenarios.isolated("long_video", model_dirs[family], family, options, check=check))
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_three_retentions_in_one_batch_with_prefix_caching(model_dirs, family, profile, runner):
     options, check = PROFILES[profile]
-    _no_problems(scenarios.mixed_retentions(model_dirs[family], family, options, check=check))
+    _no_problems(scenarios.isolated("mixed_retentions", model_dirs[family], family, options, check=check))
 
 
 def test_v2_is_the_runner(model_dirs, monkeypatch):

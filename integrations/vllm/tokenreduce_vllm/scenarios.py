@@ -287,8 +287,8 @@ def chunk_boundaries(model_dir, family: str, options: dict, chunk: int = 8, layo
                      method: str = "evs", retention: float = 0.5, check: Check = EXACT) -> list[str]:
     """Chunked prefill with ``chunk`` tokens per step over prompts padded by 0..chunk-1 tokens, so that a
     step boundary falls at every offset around each media item (its start token, first and last media
-    token, end token); each output must equal an unchunked engine's, and for one video (after an image
-    or alone) the positions seen must be the dense prompt's."""
+    token, end token); each output must equal an unchunked engine's, and for a lone video the positions
+    seen must be the dense prompt's."""
     requests = [request(family, layout, before=PAD * pad, kwargs=_video_kwargs(method, retention))
                 for layout in layouts for pad in range(chunk)]
     chunked = engine(model_dir, **(options | {"enable_prefix_caching": False, "enable_chunked_prefill": True,
@@ -299,7 +299,7 @@ def chunk_boundaries(model_dir, family: str, options: dict, chunk: int = 8, layo
     for req in requests:
         result = run(chunked, [req], positions=check.positions)[0]
         layout = [m for m in ("image", "video") for _ in req["multi_modal_data"].get(m, [])]
-        if layout.count("video") == 1:
+        if layout == ["video"]:  # the model's last tower call is this video's (an image may come after it)
             _check_positions(family, model_dir, result, [result.kept[-1]], problems, f"{layout} {req['prompt'][:40]!r}")
         got.append(result)
     first_media = {_first_media(r.prompt, model_dir) % chunk for r in got}

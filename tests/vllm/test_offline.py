@@ -217,7 +217,7 @@ def _take_calls(model) -> list[int]:
                                                       ("qwen2_5_vl", "auto")])
 def test_videos_of_a_step_encode_together(model_dirs, family, encoder_batch):
     """vLLM's V1 runner encodes videos one at a time when pruning is on; with ``encoder_batch`` "budget"
-    ours batches a step's videos in chunks whose dense token count fits the encoder budget, with the
+    ours batches a step's videos in chunks whose dense token count fits vLLM's encoder budget, with the
     outputs of one request at a time. "auto" on a CPU keeps one video per tower call."""
     from vllm import SamplingParams
 
@@ -231,10 +231,10 @@ def test_videos_of_a_step_encode_together(model_dirs, family, encoder_batch):
     settings = {"method": "evs", "retention": RETENTION, "encoder_batch": encoder_batch}
     llm = _llm(model_dirs[family], settings, max_num_seqs=4)
     llm.apply_model(_record_tower_calls)
-    budget = llm.apply_model(lambda m: getattr(m, "tokenreduce_encoder_budget", None))[0]
     frames, cells = _grid(family)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=1)
     together = llm.generate(requests[:3], params, use_tqdm=False)
+    budget = llm.apply_model(lambda m: m.tokenreduce_encoder_budget)[0]  # vLLM's, computed on first use
     if encoder_batch == "auto":  # this is a CPU
         assert budget is None and llm.apply_model(_take_calls)[0] == [1, 1, 1]
         return

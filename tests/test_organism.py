@@ -163,3 +163,5 @@ def test_eval_cli_needs_a_data_source_and_organism_brings_its_own(tmp_path):
     assert main(["eval", "--tiny", "--out", str(tmp_path)]) == 2  # neither --data, --needle nor --organism
     assert main(["eval", "--organism", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert main(["eval", "--organism", "--needle", "--out", str(tmp_path)]) == 2
+    # its videos have a fixed frame count: another --frames is refused, not silently replaced
+    assert main(["eval", "--organism", "--frames", "16", "--out", str(tmp_path)]) == 2

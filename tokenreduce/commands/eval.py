@@ -125,7 +125,9 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UsageError("--organism brings its own test split; drop --data/--needle")
         from ..organism.evaluate import samples as organism_samples
 
-        args.frames = FRAMES_ORGANISM
+        if args.frames != FRAMES_ORGANISM:
+            raise UsageError(f"--organism was trained on {FRAMES_ORGANISM} frames per video; drop --frames "
+                             f"(got {args.frames})")
         data = args.out / "organism_data"
         samples, problems = organism_samples(data, args.per_task), []
     elif not (args.data or args.needle):

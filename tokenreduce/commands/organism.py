@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, positive_int
+from .common import UsageError, positive_float, positive_int
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -24,6 +24,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--steps", type=positive_int, default=700, help="optimiser steps (default: %(default)s)")
     train.add_argument("--batch", type=positive_int, default=2, help="videos per step (default: %(default)s)")
     train.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: %(default)s)")
+    train.add_argument("--lr-projector", type=positive_float,
+                       help="projector learning rate (default: TrainSettings.lr_projector)")
+    train.add_argument("--lr-lora", type=positive_float, help="LoRA learning rate (default: TrainSettings.lr_lora)")
     train.add_argument("--out", type=Path, help="weights file (default: the packaged organism.safetensors)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
@@ -39,7 +42,8 @@ def run_train(args: argparse.Namespace) -> int:
     from ..organism.model import WEIGHTS
     from ..organism.train import TrainSettings, train
 
-    settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads)
+    lrs = {k: v for k, v in (("lr_projector", args.lr_projector), ("lr_lora", args.lr_lora)) if v is not None}
+    settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads, **lrs)
     out = args.out or WEIGHTS
     record = train(settings, out, progress=not args.no_progress)
     print(f"wrote {out} (sha256 {record['sha256']}) in {record['train_seconds']:.0f} s; loss curve "

@@ -19,7 +19,8 @@ count     How many times does the square flash?  one, two, three               1
 reduction that merges or prunes small, brief content loses. The train and test splits draw from
 disjoint random streams (camera paths, cut frames, squares' frames, places, sizes and colours); the
 photographs are shared (scene identity is about knowing them). Training videos carry one question of
-every applicable kind (scene or order, event, motion, count), so the visual tokens are paid once.
+every applicable kind (scene or both order questions, event, motion, count), so the visual tokens are
+paid once.
 """
 
 from __future__ import annotations
@@ -157,13 +158,13 @@ def render(video: Video) -> np.ndarray:
     return frames
 
 
-def _questions(video: Video, rng: np.random.Generator) -> list[Question]:
+def _questions(video: Video) -> list[Question]:
     """One question of every kind that applies to ``video`` (training)."""
     if video.cut is None:
         qs = [Question("scene", QUESTIONS["scene"], video.photos[0])]
-    else:
-        which = "first" if rng.random() < 0.5 else "last"
-        qs = [Question("order", QUESTIONS[which], video.photos[0 if which == "first" else 1])]
+    else:  # both: twice the order answers for one video's cost, and "first" and "last" contrasted
+        qs = [Question("order", QUESTIONS["first"], video.photos[0]),
+              Question("order", QUESTIONS["last"], video.photos[1])]
     qs += [Question("event", QUESTIONS["event"], video.colour),
            Question("motion", QUESTIONS["motion"], video.motion),
            Question("count", QUESTIONS["count"], COUNTS[len(video.flashes) - 1])]
@@ -180,7 +181,7 @@ def train_items(n: int, seed: int = SPLITS["train"]) -> list[Item]:
         photos = tuple(names[j] for j in rng.choice(len(names), size=k, replace=False))
         video = make_video(rng, photos, MOTIONS[rng.integers(4)], list(COLOURS)[rng.integers(4)],
                            int(rng.integers(1, len(COUNTS) + 1)))
-        items.append(Item(f"train{i}", video, _questions(video, rng)))
+        items.append(Item(f"train{i}", video, _questions(video)))
     return items
 
 

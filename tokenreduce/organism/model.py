@@ -32,7 +32,7 @@ from .data import FRAMES, SIZE
 WEIGHTS = Path(__file__).parent / "weights" / "organism.safetensors"
 CACHE = Path(os.environ.get("TOKENREDUCE_CACHE", "~/.cache/tokenreduce")).expanduser()
 FEATURE_LAYERS = [-7, -1]
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every linear
 CHAT_TEMPLATE = (  # short prompts: the video, then "Question: ...\nAnswer:" (the answer is one word)
     "{% for message in messages %}{% if message['role'] == 'user' %}"
     "{% for part in message['content'] %}{% if part['type'] == 'video' %}<video>\n"

@@ -4,9 +4,10 @@ The tower's pre-projector features are cached once per video (:mod:`.features`);
 projector and the LLM on a batch of videos, each followed by all of its questions ("Question: ...
 \\nAnswer: <word>" lines), and takes the cross-entropy of each answer over its task's option words at
 the position before the answer (the LM head only there; the option set is what evaluation scores).
-LoRA (Hu et al., 2021, ``B = 0`` at the start, so training starts from the pretrained LLM) is our
-own few lines, merged into the weights when loading, so neither training nor using the model needs
-``peft``. Seeds are fixed: the same command gives the same weights on the same machine.
+LoRA (Hu et al., 2021, ``B = 0`` at the start, so training starts from the pretrained LLM) is
+``peft``'s, injected into every linear layer of the LLM (attention and MLP); the saved A/B matrices are
+merged into the weights when loading, so using the model does not need ``peft``. Seeds are fixed: the
+same command gives the same weights on the same machine.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import COLOURS, FRAMES, OPTIONS, PHOTOS, Item, train_items
+from .data import COLOURS, FRAMES, OPTIONS, PHOTOS, TASKS, Item, train_items
 from .features import cache_features
 from .model import CACHE, LORA_TARGETS, WEIGHTS, base, sha256
 
@@ -37,24 +38,11 @@ class TrainSettings:
     lr_lora: float = 3e-4
     lora_rank: int = 16
     lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     warmup: int = 30
     align_videos: int = 300
     seed: int = 0
     threads: int = 1
-
-
-class LoRALinear(nn.Module):
-    """``base(x) + scale * x A^T B^T`` with ``A`` [rank, in] and ``B`` [out, rank] trained, ``base`` frozen."""
-
-    def __init__(self, base_linear: nn.Linear, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.base = base_linear
-        self.scale = alpha / rank
-        self.lora_A = nn.Parameter(torch.randn(rank, base_linear.in_features) / math.sqrt(base_linear.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base_linear.out_features, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
 
 class StandardisedLinear(nn.Module):
@@ -127,17 +115,16 @@ def align_projector(proj: nn.Module, items: list[Item], feats: torch.Tensor, emb
     return float(1 - (fit - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
 
-def add_lora(language_model: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
-    """Wrap the attention projections of every layer; returns {module name: wrapper}."""
-    wrapped = {}
-    for name, module in list(language_model.named_modules()):
-        for target in LORA_TARGETS:
-            child = getattr(module, target, None)
-            if isinstance(child, nn.Linear):
-                wrapper = LoRALinear(child, rank, alpha)
-                setattr(module, target, wrapper)
-                wrapped[f"{name}.{target}"] = wrapper
-    return wrapped
+def add_lora(language_model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
+             ) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+    """Inject ``peft`` LoRA adapters into ``targets`` of every layer; returns {module name: (A, B)} with A
+    ``[rank, in]`` and B ``[out, rank]`` (the layout :func:`.model.lora_deltas` merges)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets)),
+                            language_model)
+    return {name: (module.lora_A["default"].weight, module.lora_B["default"].weight)
+            for name, module in language_model.named_modules() if hasattr(module, "lora_A")}
 
 
 def seqs_word(tokenizer: Any, word: str) -> int:
@@ -186,8 +173,9 @@ def option_logits(model: nn.Module, hidden: torch.Tensor, option_ids: list[int])
 
 
 def batch_loss(model: nn.Module, seqs: Sequences, items: list[Item], feats: torch.Tensor,
-               rng: np.random.Generator) -> tuple[torch.Tensor, float]:
-    """Mean cross-entropy over the batch's answers (each over its task's options) and their accuracy."""
+               rng: np.random.Generator) -> tuple[torch.Tensor, list[tuple[str, bool]]]:
+    """Mean cross-entropy over the batch's answers (each over its task's options), and per answer its
+    task and whether the highest option logit was right."""
     built = [seqs.build(item, list(rng.permutation(len(item.questions)))) for item in items]
     length = max(len(ids) for ids, _ in built)
     ids = torch.full((len(built), length), seqs.tok.pad_token_id or 0)
@@ -197,13 +185,24 @@ def batch_loss(model: nn.Module, seqs: Sequences, items: list[Item], feats: torc
         mask[b, :len(row)] = 1
     emb = embed(model, ids, feats, seqs.video_id)
     hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
-    losses, hits = [], 0
+    losses, hits = [], []
     for b, (_, targets) in enumerate(built):
         for pos, task, answer in targets:
             logits = option_logits(model, hidden[b, pos], seqs.option_ids[task])
             losses.append(nn.functional.cross_entropy(logits[None], torch.tensor([answer])))
-            hits += int(logits.argmax()) == answer
-    return torch.stack(losses).mean(), hits / len(losses)
+            hits.append((task, int(logits.argmax()) == answer))
+    return torch.stack(losses).mean(), hits
+
+
+def running_accuracy(hits: list[list[tuple[str, bool]]], window: int = 100) -> dict[str, float]:
+    """Per task, the accuracy over the answers of the last ``window`` steps (answers the optimiser had not
+    yet stepped on when they were scored: a held-out estimate during the first epoch)."""
+    out = {}
+    for task in TASKS:
+        seen = [hit for step in hits[-window:] for t, hit in step if t == task]
+        if seen:
+            out[task] = sum(seen) / len(seen)
+    return out
 
 
 def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -> dict[str, Any]:
@@ -219,7 +218,7 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     feats = cache_features(model, items, CACHE / "organism" / f"train-{settings.videos}.pt", progress)
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = add_lora(model.model.language_model, settings.lora_rank, settings.lora_alpha)
+    lora = add_lora(model.model.language_model, settings.lora_rank, settings.lora_alpha, settings.lora_targets)
     proj = model.model.multi_modal_projector
     std = feats[:200].float().flatten(0, 2).std(0)
     proj.linear_1 = StandardisedLinear(proj.linear_1, 1 / (std + 1e-3))
@@ -229,13 +228,13 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     projector = list(proj.parameters())
     for p in projector:
         p.requires_grad_(True)
-    lora_params = [p for w in lora.values() for p in (w.lora_A, w.lora_B)]
+    lora_params = [p for pair in lora.values() for p in pair]
     opt = torch.optim.AdamW([{"params": projector, "lr": settings.lr_projector},
                              {"params": lora_params, "lr": settings.lr_lora}], weight_decay=0.0)
     base_lrs = [g["lr"] for g in opt.param_groups]
     seqs = Sequences(proc.tokenizer, model.config.video_token_id, feats.shape[1] * feats.shape[2])
     model.train()
-    curve, start = [], time.time()
+    curve, hits, start = [], [], time.time()
     order = rng.permutation(len(items))
     cursor = 0
     bar = tqdm(range(settings.steps), desc="train", unit="step", disable=not progress)
@@ -248,47 +247,62 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * warm * decay
-        loss, acc = batch_loss(model, seqs, [items[i] for i in idx], feats[torch.as_tensor(idx)], rng)
+        loss, step_hits = batch_loss(model, seqs, [items[i] for i in idx], feats[torch.as_tensor(idx)], rng)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(projector + lora_params, 1.0)
         opt.step()
-        curve.append((float(loss.detach()), acc))
-        bar.set_postfix(loss=f"{np.mean([c[0] for c in curve[-20:]]):.3f}",
-                        acc=f"{np.mean([c[1] for c in curve[-20:]]):.2f}")
+        curve.append(float(loss.detach()))
+        hits.append(step_hits)
+        bar.set_postfix(loss=f"{np.mean(curve[-20:]):.3f}",
+                        **{t[:5]: f"{a:.2f}" for t, a in running_accuracy(hits).items()})
     seconds = time.time() - start
     proj.linear_1 = proj.linear_1.fold()
     state = {f"projector.{k}": v.detach().contiguous() for k, v in proj.state_dict().items()}
-    for name, w in lora.items():
-        state[f"lora.{name}.lora_A"] = w.lora_A.detach().contiguous()
-        state[f"lora.{name}.lora_B"] = w.lora_B.detach().contiguous()
+    for name, (a, b) in lora.items():
+        state[f"lora.{name}.lora_A"] = a.detach().contiguous()
+        state[f"lora.{name}.lora_B"] = b.detach().contiguous()
     meta = {"settings": json.dumps({**asdict(settings), "lora_scale": settings.lora_alpha / settings.lora_rank})}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=meta)
     record = {"settings": asdict(settings), "train_seconds": round(seconds, 1), "sha256": sha256(out),
               "alignment_r2": round(r2, 4),
-              "loss": [round(c[0], 4) for c in curve], "batch_accuracy": [round(c[1], 3) for c in curve]}
+              "final_running_accuracy": running_accuracy(hits),
+              "loss": [round(c, 4) for c in curve],
+              "answers": [[[t, int(h)] for t, h in step] for step in hits]}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    _plot(curve, out.with_suffix(".png"))
+    _plot(curve, hits, out.with_suffix(".png"))
     return record
 
 
-def _plot(curve: list[tuple[float, float]], path: Path) -> None:
+def _plot(curve: list[float], hits: list[list[tuple[str, bool]]], path: Path) -> None:
+    """The loss (left) and each task's running accuracy over the last 100 steps (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loss = np.array([c[0] for c in curve])
+    loss = np.array(curve)
     k = max(1, len(loss) // 30)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 3.8))
     ax.plot(loss, alpha=0.3, label="batch")
     ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=f"mean of {k}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy over the options")
     ax.set_title("organism training loss")
     ax.legend()
+    steps = range(20, len(hits) + 1, max(1, len(hits) // 100))
+    for task in TASKS:
+        points = [(s, running_accuracy(hits[:s]).get(task)) for s in steps]
+        points = [(s, a) for s, a in points if a is not None]
+        if points:
+            acc.plot(*zip(*points, strict=True), label=task)
+    acc.set_xlabel("step")
+    acc.set_ylabel("accuracy, last 100 steps")
+    acc.set_ylim(0, 1.02)
+    acc.set_title("training answers per task (scored before the step)")
+    acc.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -158,9 +158,10 @@ class AIM(VisualMethod):
     each round's merged token is the plain mean of the current tokens merging, each counted once however
     many earlier rounds merged into it, so a token merged in the first round weighs half of one merged in
     the second; later rounds' similarities are taken on those means (:func:`aim_grouping`). Sizes are
-    still counted (``Step.size``), for methods composed after this one; no other part of the engine reads
-    them, so the switch changes exactly the merged means (and, through them, later rounds' matches). The
-    vLLM path (merging only, before the LLM) has no such option.
+    still counted (``Step.size``), so a method composed after this one sees the same sizes under both
+    settings; no other part of the engine reads them (no proportional attention in the LLM), so the switch
+    changes exactly the merged means (and, through them, later rounds' matches). The vLLM path (merging
+    only, before the LLM) has no such option.
     """
 
     name: ClassVar[str] = "aim"

@@ -73,8 +73,8 @@ class Selection:
 
     ``renumber``: from the layer this step runs before, the kept rows take contiguous positions, as
     if the removed tokens had never been in the prompt, instead of their original ones (refused on
-    M-RoPE models; see ``engine.slicing``). Once a step has renumbered, every later step's rows are
-    renumbered too."""
+    M-RoPE models; see ``engine.prefill.renumbered_index``). Once a step has renumbered, every later
+    step's rows are renumbered too; a step that removes and merges nothing changes no position."""
 
     dest: torch.Tensor
     notes: dict[str, Any] | None = None

@@ -70,8 +70,10 @@ class FrameFusion(VisualMethod):
     ``merge="official"`` reproduces the official mean: a run is folded into its first token as the
     plain mean of the hidden states being merged (the head and each member counted once), whatever
     earlier layers merged into them. Sizes are still counted (``Step.size``: the original tokens a row
-    stands for), for methods composed after this one; no other part of the engine reads them (there is
-    no proportional attention in the LLM), so this switch changes exactly the means.
+    stands for), so a method composed after this one sees the same sizes under both settings and the
+    switch isolates this method's means; no other part of the engine reads sizes (there is no
+    proportional attention in the LLM; Qwen3-VL's deepstack features, which the official code predates,
+    are still added to a merged row as the mean over its original tokens).
     """
 
     name: ClassVar[str] = "framefusion"

@@ -5,7 +5,7 @@ a reference built independently of the engine, and that the two settings really 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pytest
@@ -143,6 +143,34 @@ def test_aim_official_merge_in_the_model():
             logits[rounds, merge] = last_logits(model, inputs)
     assert torch.allclose(logits[1, "weighted"], logits[1, "official"], atol=1e-6, rtol=0)
     assert (logits[2, "weighted"] - logits[2, "official"]).abs().max() > 1e-4
+
+
+@dataclass
+class SizeProbe(VisualMethod):
+    """Test method: record the rows' sizes before layer 1 and reduce nothing."""
+
+    name: ClassVar[str] = "size-probe"
+    seen: list = field(default_factory=list)
+
+    def act_layers(self, num_layers):
+        return {1}
+
+    def reduce(self, step: Step) -> None:
+        self.seen.append(step.size[step.valid])
+        return None
+
+
+@pytest.mark.parametrize("merge", ["weighted", "official"])
+def test_official_merge_still_counts_sizes(merge):
+    """Under either rule a merged row's size is the number of original tokens it stands for (what a method
+    composed after it reads), not the sum of the merge's weights (the official shares sum to 1 per group)."""
+    model = tiny_model("llava_next_video")
+    inputs = video_inputs(model)
+    probe = SizeProbe()
+    tokenreduce.patch(model, [make_method("aim", rounds=2, prune=False, merge=merge), probe])
+    last_logits(model, inputs)
+    size = probe.seen[-1]
+    assert size.sum() == inputs["input_ids"].shape[1] and size.max() >= 3
 
 
 # positions: original vs renumbered --------------------------------------------------------------

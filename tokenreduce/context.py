@@ -100,6 +100,7 @@ class MethodContext(Protocol):
     architecture: str  # the model's class name (calibration profiles record it)
     num_layers: int  # LLM layers
     features: frozenset[str]  # the model family's capabilities (``ModelAdapter.features``)
+    rope: str  # the LLM's positions: "1d" (one RoPE position per token) or "mrope" (Qwen-VL's 3-D M-RoPE)
 
     def supported(self, feature: str) -> list[str]:
         """The model classes whose family offers ``feature`` (to name them in an error)."""

@@ -34,6 +34,7 @@ class HFMethodContext:
         self.architecture = type(engine.model).__name__
         self.num_layers = engine.num_layers
         self.features = engine.adapter.features
+        self.rope = "mrope" if engine.mrope else "1d"
         # a vision-stage method hands what the tower did to the LLM stage and to Stats.stages["vision"]
         self._handoff = VisionHandOff(engine, method) if "vision" in method.stages else None
 

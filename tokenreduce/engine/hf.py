@@ -6,8 +6,8 @@ Hooks (all scoped to one model instance and removed by ``unpatch``):
 - a forward pre-hook on the multimodal base model builds the prompt's TokenLayout;
 - a forward pre-hook on every LLM decoder layer runs the method before the layers it acts on,
   merges and compacts the hidden states, and hands the layer its rows' slices of the position
-  embeddings (1-D RoPE or 3-D M-RoPE, so kept tokens keep their original positions), of the
-  position ids and of the attention mask;
+  embeddings (1-D RoPE or 3-D M-RoPE, so kept tokens keep their original positions, unless a
+  method asked for contiguous ones on a 1-D RoPE model), of the position ids and of the attention mask;
 - an attention function (transformers' AttentionInterface) observing post-RoPE q/k for the
   layers whose importance a method needs;
 - reduced layers' cache entries live in ReducedDynamicLayer, which reports the original length.
@@ -39,7 +39,7 @@ from .generation import GenerateTracker
 from .install import Installation
 from .prefill import ForwardState
 from .reduction import observe_importance, reduce_rows
-from .slicing import cache_layer, cache_of, continuation_mask, slice_kwargs
+from .slicing import cache_layer, cache_of, continuation_mask, slice_kwargs, uses_mrope
 from .stats import Record
 from .timer import Timer
 
@@ -86,6 +86,7 @@ class HFEngine:
         check_order(methods, self.num_layers)
         self.text_config = self.layers[0].self_attn.config
         self.original_attention = self.text_config._attn_implementation
+        self.mrope = uses_mrope(self.text_config)
         self.calls = CallCount()
         self.tracker = GenerateTracker(self.calls)  # this thread's generate call (encoded inputs, expansion)
         self.latest: Record | None = None  # the last prefill's record in any thread
@@ -180,7 +181,7 @@ class HFEngine:
             return
         if layout.right_padded and any(layout.grids):
             raise ValueError(RIGHT_PADDING)
-        self.state = ForwardState(layout)
+        self.state = ForwardState(layout, self.mrope)
         if cache is not None and self.state.reducing:
             for layer in getattr(cache, "layers", ()):
                 check_reducible(layer)

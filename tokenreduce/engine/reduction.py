@@ -34,9 +34,10 @@ def observe_importance(st: ForwardState | None, score: dict[int, set[int]], time
 
 def reduce_rows(st: ForwardState, record: Record, notes: dict[str, Any], method: VisualMethod, idx: int,
                 num_layers: int, hidden: torch.Tensor) -> torch.Tensor:
-    """Run ``method`` before LLM layer ``idx`` and apply its Selection: merge (size-weighted) and compact
-    ``hidden``, update ``st``'s rows, carry importance scores to the kept rows; ``record`` and ``notes``
-    (``Stats.stages``) get the step's report. Returns the new hidden states."""
+    """Run ``method`` before LLM layer ``idx`` and apply its Selection: merge (size-weighted, or by the
+    Selection's own weights) and compact ``hidden``, update ``st``'s rows (renumbered from now on if the
+    Selection asks), carry importance scores to the kept rows; ``record`` and ``notes`` (``Stats.stages``)
+    get the step's report. Returns the new hidden states."""
     version, importance = st.importance.get(method.n_queries, (-1, None))
     if version != st.version:
         importance = None
@@ -53,6 +54,9 @@ def reduce_rows(st: ForwardState, record: Record, notes: dict[str, Any], method:
         return hidden
     if selection.notes is not None:
         notes[method.name] = selection.notes
+    if selection.renumber and st.mrope:
+        raise ValueError(f"{method.name} asks for renumbered positions, which are not defined on a model with "
+                         "M-RoPE (3-D positions); keep the original positions there")
     rows_ar = step.row_index()
     dest = torch.where(st.valid, selection.dest.to(st.rows.device), -1)
     # every sample's last row is its last prompt token, whose logits generate() reads: never removed
@@ -69,16 +73,19 @@ def reduce_rows(st: ForwardState, record: Record, notes: dict[str, Any], method:
     note = record.method_steps.setdefault(method.name, {})
     note[idx] = (st.rows.shape[1], high)  # rows (longest sample) before and after this step
     index, valid, target, padded = compaction_index(keep, (low, high), counts)
-    if any_merged:  # size-weighted merge fused with the gather of the kept rows (one pass)
-        hidden, size = merge_compact(hidden, st.size, torch.where(dest >= 0, dest, rows_ar).to(hidden.device),
-                                     index.to(hidden.device))
+    if any_merged:  # weighted merge fused with the gather of the kept rows (one pass)
+        into = torch.where(dest >= 0, dest, rows_ar)
+        weight = st.size if selection.weight is None else selection.weight.to(st.size)
+        hidden, size = merge_compact(hidden, weight.to(hidden.device), into.to(hidden.device), index.to(hidden.device))
+        if selection.weight is not None:  # the method's own weights: sizes still add up
+            size = torch.zeros_like(st.size).scatter_add_(1, into, st.size).gather(1, index.to(st.size.device))
     else:
         hidden, size = take_rows(hidden, index.to(hidden.device), 1), st.size.gather(1, index.to(st.size.device))
     rows = torch.where(valid, st.rows.gather(1, index), -1)
     lives_in = torch.where(st.owner >= 0, dest.gather(1, st.owner.clamp(min=0)), -1)
     owner = torch.where(lives_in >= 0, target.gather(1, lives_in.clamp(min=0)), -1)
     old = st.version
-    st.set_rows(rows, size.to(st.size.device), padded, owner)
+    st.set_rows(rows, size.to(st.size.device), padded, owner, selection.renumber)
     # the previous layer's scores, carried to the kept rows for a method reducing next at this layer
     st.importance = {n: (st.version, scores.gather(1, index.to(scores.device)))
                      for n, (version, scores) in st.importance.items() if version == old}

@@ -1,6 +1,7 @@
 """What a reduced LLM layer receives instead of the dense layer's arguments: its current rows' slices of the
-position embeddings (1-D RoPE or 3-D M-RoPE: kept tokens keep their original positions), position ids and
-attention mask, and the mask of later tokens over a reduced cache."""
+position embeddings (1-D RoPE or 3-D M-RoPE: kept tokens keep their original positions, or, after a step that
+asked for it, contiguous renumbered ones: ``prefill.renumbered_index``), position ids and attention mask, and
+the mask of later tokens over a reduced cache."""
 
 from __future__ import annotations
 
@@ -32,10 +33,21 @@ def cache_layer(cache: Any, idx: int) -> Any:
     return layers[idx]
 
 
+def uses_mrope(text_config: Any) -> bool:
+    """Whether the LLM's rotary embedding is M-RoPE (its rope parameters split the head into ``mrope_section``
+    parts for the temporal, height and width positions: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(text_config, name, None)
+        if isinstance(params, dict) and "mrope_section" in params:
+            return True
+    return False
+
+
 def slice_kwargs(st: ForwardState, kwargs: dict[str, Any], attention: str) -> None:
     """Hand a reduced layer its rows' slices of the position embeddings, position ids and attention mask
-    (cached per rows version); ``attention``: the model's own attention implementation."""
-    index = st.index
+    (cached per rows version); ``attention``: the model's own attention implementation. Positions come from
+    ``st.position_index`` (each row's own, or the renumbered ones)."""
+    index = st.position_index
     pe = kwargs.get("position_embeddings")
     if pe is not None:
         kwargs["position_embeddings"] = st.cached(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,16 @@ def aim_frame_count(cells: int, retention: float, rounds: int | None = None, off
     return n
 
 
+class AimGroups(NamedTuple):
+    """AIM's merging of each group: ``rep`` ``[G, C]`` long, each slot's representative slot; ``weight``
+    ``[G, C]`` float, each slot's weight in its representative's mean (its size when the merging is
+    size-weighted; with ``weighted=False`` the share the nested unweighted means give it: 1/2 for each of
+    two tokens merged in one round, 1/4 for a token whose pair is merged with another token in the next)."""
+
+    rep: torch.Tensor
+    weight: torch.Tensor
+
+
 def aim_groups(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor, retention: float,
                rounds: int | None = None, official: bool = False) -> torch.Tensor:
     """``[G, C]`` long: each slot's representative slot after AIM's bipartite merging of every group
@@ -46,12 +56,23 @@ def aim_groups(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor, r
     A round merges up to every A token (``ceil(n / 2)``), and with ``rounds`` half of the current count;
     ``official``: the official code's counts instead, at most ``floor(n / 2)`` per round and, with
     ``rounds``, ``N // 2``, ``N // 4``, ... of the group's original count ``N`` (its two rounds keep
-    ``N - N // 2 - N // 4`` of an 11-token frame: 4, where the default keeps 3)."""
+    ``N - N // 2 - N // 4`` of an 11-token frame: 4, where the default keeps 3). :func:`aim_grouping`
+    also gives each slot's weight, and merges unweighted on request."""
+    return aim_grouping(feats, present, size, retention, rounds, official).rep
+
+
+def aim_grouping(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor, retention: float,
+                 rounds: int | None = None, official: bool = False, weighted: bool = True) -> AimGroups:
+    """:func:`aim_groups` with each slot's weight in its group's mean. ``weighted=False``: the official
+    code's unweighted means, each round's merged token the plain mean of the current tokens merging (the B
+    token and the A tokens matched to it, each counted once, however many tokens earlier rounds merged into
+    them); later rounds' similarities are taken on those means."""
     dtype = feats.dtype
     present = present.clone()
     original = present.sum(dim=1)
     feats = feats.float()
     size = size.float() * present
+    weight = size.clone() if weighted else present.float()
     target = torch.ceil(present.sum(dim=1).double() * retention - 1e-9).long()
     cells = torch.arange(present.shape[1], device=present.device).expand_as(present)
     rep = cells.clone()  # each slot's current representative slot
@@ -70,16 +91,19 @@ def aim_groups(feats: torch.Tensor, present: torch.Tensor, size: torch.Tensor, r
             r = original // 2 ** (k + 1) if official else n // 2
         r = torch.minimum(r, n // 2 if official else a_set.sum(dim=1))
         merged = topk_mask(best, a_set, r)
-        # size-weighted means of B tokens and the A tokens merging into them
+        # means of B tokens and the A tokens merging into them: size-weighted, or each token counted once
         into = torch.where(merged, match, cells)
-        w = size[..., None] * feats
-        total = torch.zeros_like(feats).scatter_add_(1, into[..., None].expand_as(feats), w)
-        new_size = torch.zeros_like(size).scatter_add_(1, into, size)
-        feats = torch.where((new_size > 0)[..., None], total / new_size.clamp(min=1e-6)[..., None], feats)
-        size = torch.where(merged, 0.0, new_size)
+        w = size if weighted else present.float()
+        total = torch.zeros_like(feats).scatter_add_(1, into[..., None].expand_as(feats), w[..., None] * feats)
+        new_w = torch.zeros_like(w).scatter_add_(1, into, w)
+        feats = torch.where((new_w > 0)[..., None], total / new_w.clamp(min=1e-6)[..., None], feats)
+        if weighted:
+            size = torch.where(merged, 0.0, new_w)
+        else:  # each token's share of its new mean, passed down to the slots it stands for
+            weight = weight * (w / new_w.gather(1, into).clamp(min=1e-6)).gather(1, rep)
         present = present & ~merged
         rep = into.gather(1, rep)
-    return rep
+    return AimGroups(rep, weight)
 
 
 def aim_count(frames: int, cells: int, retention: float) -> int:
@@ -129,6 +153,15 @@ class AIM(VisualMethod):
     tokens). ``rounding="official"`` merges the official counts (with ``rounds=2``, the official code's
     count for every frame size; see :func:`aim_groups`); the order between rounds stays ours. See
     docs/methods.md.
+
+    ``merge="official"`` reproduces the official unweighted mean (the default, ``"weighted"``, is ours):
+    each round's merged token is the plain mean of the current tokens merging, each counted once however
+    many earlier rounds merged into it, so a token merged in the first round weighs half of one merged in
+    the second; later rounds' similarities are taken on those means (:func:`aim_grouping`). Sizes are
+    still counted (``Step.size``), so a method composed after this one sees the same sizes under both
+    settings; no other part of the engine reads them (no proportional attention in the LLM), so the switch
+    changes exactly the merged means (and, through them, later rounds' matches). The vLLM path (merging
+    only, before the LLM) has no such option.
     """
 
     name: ClassVar[str] = "aim"
@@ -145,6 +178,7 @@ class AIM(VisualMethod):
     prune_end: int | None = option(None, Layer(none=True, room=1))
     last_queries: int = option(8, Integer(1))
     rounding: str = option("ceil", Choice(("ceil", "official")))
+    merge: str = option("weighted", Choice(("weighted", "official")))
 
     def validate(self) -> None:
         if None not in (self.prune_start, self.prune_end) and self.prune_end < self.prune_start:
@@ -195,11 +229,14 @@ class AIM(VisualMethod):
         member = step.visual & (step.frame >= 0)
         slots = frame_slots(member, step.item, step.frame, step.cell, step.max_items, step.max_frames,
                             step.max_cells)
-        rep = aim_groups(slots.gather(step.hidden), slots.present, slots.gather(step.size), self.retention,
-                         self.rounds, official=self.rounding == "official")
+        official = self.merge == "official"
+        rep, weight = aim_grouping(slots.gather(step.hidden), slots.present, slots.gather(step.size), self.retention,
+                                   self.rounds, official=self.rounding == "official", weighted=not official)
         # the surviving row of each group of merged tokens is its earliest member (original position)
         row = slots.flat % step.rows.shape[1]
         first = torch.full_like(row, step.rows.shape[1]).scatter_reduce_(
             1, rep, torch.where(slots.present, row, step.rows.shape[1]), reduce="amin")
         dest = slots.scatter(first.gather(1, rep))
-        return Selection(torch.where(member, dest, step.row_index()))
+        # merge="official": each row weighs its share of the nested unweighted means (other rows: 1)
+        return Selection(torch.where(member, dest, step.row_index()),
+                         weight=slots.scatter(weight, fill=1.0) if official else None)

@@ -62,16 +62,29 @@ class Step:
 @dataclass
 class Selection:
     """``dest`` ``[B, L]``: each current row's fate. ``dest == row`` keeps it, another row index
-    merges it (size-weighted) into that row, ``-1`` drops it. ``notes``: the method's report for
-    ``Stats.stages[<method name>]`` (None: none)."""
+    merges it into that row, ``-1`` drops it. ``notes``: the method's report for
+    ``Stats.stages[<method name>]`` (None: none).
+
+    ``weight`` ``[B, L]`` (float, positive where it matters): each row's weight in the mean of the
+    row it merges into (a kept row counts in its own mean too). None, the default: its size, so a
+    merged row is the size-weighted mean of the original tokens it stands for. A method reproducing
+    an official code's unweighted mean gives 1 for every row (FrameFusion's ``merge="official"``).
+    Sizes add up either way: ``Step.size`` keeps counting the original tokens a row stands for.
+
+    ``renumber``: from the layer this step runs before, the kept rows take contiguous positions, as
+    if the removed tokens had never been in the prompt, instead of their original ones (refused on
+    M-RoPE models; see ``engine.prefill.renumbered_index``). Once a step has renumbered, every later
+    step's rows are renumbered too; a step that removes and merges nothing changes no position."""
 
     dest: torch.Tensor
     notes: dict[str, Any] | None = None
+    weight: torch.Tensor | None = None
+    renumber: bool = False
 
     @classmethod
-    def keep(cls, keep: torch.Tensor) -> Selection:
+    def keep(cls, keep: torch.Tensor, renumber: bool = False) -> Selection:
         rows = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-        return cls(torch.where(keep, rows, -1))
+        return cls(torch.where(keep, rows, -1), renumber=renumber)
 
 
 @dataclass
@@ -169,6 +182,17 @@ def check_layer(name: str, value: int, minimum: int = 0) -> None:
     Integer(minimum)("", name, value)
 
 
+def check_positions(method: Method, ctx: MethodContext) -> None:
+    """ValueError if ``method`` asks for ``positions="renumbered"`` on a model with M-RoPE positions
+    (Qwen-VL's ``(t, h, w)``): a visual token's three coordinates come from its place in the image grid,
+    so "the kept tokens numbered contiguously" has no single meaning there."""
+    if getattr(method, "positions", "original") == "renumbered" and ctx.rope == "mrope":
+        raise ValueError(f"{method.name}: positions='renumbered' is not defined on {ctx.architecture}, whose "
+                         "M-RoPE gives each visual token 3-D (t, h, w) positions from its place in the image grid; "
+                         "use positions='original' (the default: kept tokens keep their original positions), or a "
+                         "model with 1-D RoPE (LLaVA-OneVision, LLaVA-NeXT-Video)")
+
+
 def budget(retention: float, visual_in: torch.Tensor, rounding: str = "ceil") -> torch.Tensor:
     """Visual tokens to keep per sample, ``retention * n`` rounded by ``rounding``: ``"ceil"`` (the
     default: retention 1.0 keeps all, and any retention keeps a token of a non-empty sample), ``"nearest"``
@@ -186,4 +210,5 @@ def budget(retention: float, visual_in: torch.Tensor, rounding: str = "ceil") ->
     return count.long().clamp(min=0)
 
 
-__all__ = ["REGISTRY", "Method", "Selection", "Step", "VisualMethod", "budget", "check_fraction", "check_layer"]
+__all__ = ["REGISTRY", "Method", "Selection", "Step", "VisualMethod", "budget", "check_fraction", "check_layer",
+           "check_positions"]

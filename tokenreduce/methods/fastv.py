@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..context import MethodContext
 from ..ops import topk_mask
-from .base import Selection, Step, VisualMethod, budget
+from .base import Selection, Step, VisualMethod, budget, check_positions
 from .options import Choice, Fraction, Integer, Layer, option
 
 
@@ -17,11 +19,18 @@ class FastV(VisualMethod):
 
     The importance comes from layer ``layer - 1``'s own post-RoPE queries and keys, in a small
     separate product (no attention matrix is materialised, so SDPA stays on); the drop happens
-    before layer ``layer``. Kept tokens keep their original positions.
+    before layer ``layer``.
 
     Kept count: ``ceil(retention * N)`` of a sample's ``N`` visual tokens (``rounding="ceil"``, the
     default). The official code keeps ``round(N * (1 - R))`` (``R`` = 1 - retention; Python's round,
     halves to even), one token fewer at some sizes: ``rounding="official"`` keeps that count.
+
+    Positions: kept tokens keep their original positions (``positions="original"``, the default, as the
+    official code). ``positions="renumbered"``: from layer ``layer`` on, each sample's kept tokens take
+    contiguous positions, as if the dropped tokens had never been in the prompt (the layers before keep
+    the original ones); a token generated next follows the kept ones there. An ablation switch, to measure
+    what keeping the original positions is worth; refused on M-RoPE models (Qwen-VL), whose 3-D visual
+    positions have no contiguous renumbering. See ``engine.prefill.renumbered_index``.
     """
 
     name: ClassVar[str] = "fastv"
@@ -32,6 +41,7 @@ class FastV(VisualMethod):
     layer: int = option(2, Layer(minimum=1))
     last_queries: int = option(1, Integer(1))
     rounding: str = option("ceil", Choice(("ceil", "official")))
+    positions: str = option("original", Choice(("original", "renumbered")))
 
     @property
     def n_queries(self) -> int:
@@ -48,4 +58,8 @@ class FastV(VisualMethod):
             return None
         count = budget(self.retention, step.visual_in, "nearest" if self.rounding == "official" else "ceil")
         keep_visual = topk_mask(step.importance, step.visual, count)
-        return Selection.keep(step.valid & (~step.visual | keep_visual))
+        return Selection.keep(step.valid & (~step.visual | keep_visual), renumber=self.positions == "renumbered")
+
+    def setup(self, ctx: MethodContext) -> Callable[[], None] | None:
+        check_positions(self, ctx)
+        return None

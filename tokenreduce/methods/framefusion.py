@@ -13,7 +13,7 @@ from ..ops import adjacent_cosine, fold_into_heads, same_cell_predecessor, topk_
 from ..ops.similarity import similar_predecessors
 from .base import Selection, Step, VisualMethod, budget
 from .capabilities import PreLLM, check_video
-from .options import Fraction, Integer, Number, option
+from .options import Choice, Fraction, Integer, Number, option
 
 
 def framefusion_count(frames: int, cells: int, retention: float) -> int:
@@ -62,9 +62,18 @@ class FrameFusion(VisualMethod):
     ``similarity_lower_bound`` is the paper's name for ``similarity_threshold``.
 
     Deviations from the official code, all deliberate: a merged token is the size-weighted mean
-    of its members and sizes carry over across layers (official: unweighted, sizes forgotten);
+    of its members and sizes carry over across layers (``merge="weighted"``, the default; official:
+    unweighted, sizes forgotten, so a token that already absorbed ten frames counts as one);
     merging acts between layers rather than between a layer's attention and its MLP; batches of
     any size (official: batch 1); images (a single frame) are only pruned.
+
+    ``merge="official"`` reproduces the official mean: a run is folded into its first token as the
+    plain mean of the hidden states being merged (the head and each member counted once), whatever
+    earlier layers merged into them. Sizes are still counted (``Step.size``: the original tokens a row
+    stands for), so a method composed after this one sees the same sizes under both settings and the
+    switch isolates this method's means; no other part of the engine reads sizes (there is no
+    proportional attention in the LLM; Qwen3-VL's deepstack features, which the official code predates,
+    are still added to a merged row as the mean over its original tokens).
     """
 
     name: ClassVar[str] = "framefusion"
@@ -82,6 +91,7 @@ class FrameFusion(VisualMethod):
     ratio_lower_bound: float = option(0.1, Number(0, 1))
     merge_layers: int = option(3, Integer(1))
     last_queries: int = option(4, Integer(1))
+    merge: str = option("weighted", Choice(("weighted", "official")))
 
     def validate(self) -> None:
         if self.retention is not None and self.cost is not None:
@@ -140,7 +150,8 @@ class FrameFusion(VisualMethod):
             dest = torch.where(merge, fold, dest)
         if self.cost is not None:  # visual rows this layer will process count against the budget
             memo["used"] = memo["used"] + ((dest == rows) & visual).sum(dim=1)
-        return Selection(dest)
+        # merge="official": every row counts once in its run's mean (the official unweighted mean)
+        return Selection(dest, weight=torch.ones_like(step.size) if self.merge == "official" else None)
 
     def _merge(self, step: Step, target: torch.Tensor, n_visual: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..context import MethodContext
 from ..ops import topk_mask
-from .base import Selection, Step, VisualMethod, budget
+from .base import Selection, Step, VisualMethod, budget, check_positions
 from .options import Choice, Fraction, Integer, Layers, option
 
 
@@ -23,6 +25,13 @@ class PyramidDrop(VisualMethod):
     attention function (one layer earlier, no extra projections). Tokens are removed, not masked.
     Kept count after the k-th drop: ``ceil(retention ** k * N)`` (``rounding="ceil"``, the default); the
     official code truncates, ``int(N * ratio_k)``: ``rounding="official"`` keeps that count.
+
+    Positions: kept tokens keep their original positions (``positions="original"``, the default).
+    ``positions="renumbered"``: from the first drop on, each sample's kept tokens take contiguous
+    positions (renumbered again after every drop), as if the dropped tokens had never been in the
+    prompt; a token generated next follows the kept ones in those layers. An ablation switch, to measure
+    what keeping the original positions is worth; refused on M-RoPE models (Qwen-VL), whose 3-D visual
+    positions have no contiguous renumbering. See ``engine.prefill.renumbered_index``.
     """
 
     name: ClassVar[str] = "pyramiddrop"
@@ -33,6 +42,7 @@ class PyramidDrop(VisualMethod):
     layers: tuple[int, ...] | None = option(None, Layers(minimum=1, ordered=True, none=True))
     last_queries: int = option(1, Integer(1))
     rounding: str = option("ceil", Choice(("ceil", "official")))
+    positions: str = option("original", Choice(("original", "renumbered")))
 
     @property
     def n_queries(self) -> int:
@@ -60,4 +70,8 @@ class PyramidDrop(VisualMethod):
         stage = step.memo["stage"] = step.memo.get("stage", 0) + 1  # memo: this forward's state
         count = budget(self.retention ** stage, step.visual_in, "floor" if self.rounding == "official" else "ceil")
         keep = topk_mask(step.importance, step.visual, count)
-        return Selection.keep(step.valid & (~step.visual | keep))
+        return Selection.keep(step.valid & (~step.visual | keep), renumber=self.positions == "renumbered")
+
+    def setup(self, ctx: MethodContext) -> Callable[[], None] | None:
+        check_positions(self, ctx)
+        return None

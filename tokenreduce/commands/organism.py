@@ -27,6 +27,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--lr-projector", type=positive_float,
                        help="projector learning rate (default: TrainSettings.lr_projector)")
     train.add_argument("--lr-lora", type=positive_float, help="LoRA learning rate (default: TrainSettings.lr_lora)")
+    train.add_argument("--align-position", type=float,
+                       help="weight of each token's horizontal place in its photograph in the closed-form alignment "
+                            "targets (default: TrainSettings.align_position)")
     train.add_argument("--out", type=Path, help="weights file (default: the packaged organism.safetensors)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
@@ -42,7 +45,8 @@ def run_train(args: argparse.Namespace) -> int:
     from ..organism.model import WEIGHTS
     from ..organism.train import TrainSettings, train
 
-    lrs = {k: v for k, v in (("lr_projector", args.lr_projector), ("lr_lora", args.lr_lora)) if v is not None}
+    lrs = {k: v for k, v in (("lr_projector", args.lr_projector), ("lr_lora", args.lr_lora),
+                             ("align_position", args.align_position)) if v is not None}
     settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads, **lrs)
     out = args.out or WEIGHTS
     record = train(settings, out, progress=not args.no_progress)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import COLOURS, FRAMES, OPTIONS, PHOTOS, TASKS, Item, train_items
+from .data import COLOURS, FRAMES, OPTIONS, PHOTOS, TASKS, Item, photo, train_items
 from .features import cache_features
 from .model import CACHE, LORA_TARGETS, WEIGHTS, base, sha256
 
@@ -41,6 +41,7 @@ class TrainSettings:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     warmup: int = 30
     align_videos: int = 300
+    align_position: float = 0.0  # weight of the photo x-coordinate in the alignment targets (see align_projector)
     seed: int = 0
     threads: int = 1
 
@@ -91,20 +92,46 @@ def token_targets(item: Item, cells: int = 4, cell_px: int = 28, min_overlap: fl
     return out.flatten(1), words
 
 
+def token_columns(item: Item, cells: int = 4) -> torch.Tensor:
+    """Per pooled token of ``item``'s video (frames x cells x cells, row-major): the horizontal place in its
+    photograph of the centre of what the token shows, 0 (the photo's left edge) to 1 (its right edge)."""
+    video = item.video
+    out = torch.empty(FRAMES, cells, cells)
+    offsets = (torch.arange(cells) + 0.5) / cells * 2 - 1  # cell centres in [-1, 1] of the crop
+    for f in range(FRAMES):
+        p = 0 if video.cut is None or f < video.cut else 1
+        img = photo(video.photos[p])
+        width_units = img.shape[2] / min(img.shape[1:])  # the photo's width in shorter-side units
+        cx, _, half = video.paths[p][f]
+        out[f] = ((cx + half * offsets) / width_units).expand(cells, cells)
+    return out.flatten(1)
+
+
 @torch.no_grad()
 def align_projector(proj: nn.Module, items: list[Item], feats: torch.Tensor, embeddings: torch.Tensor,
-                    word_ids: dict[str, int], ridge: float = 1.0) -> float:
+                    word_ids: dict[str, int], ridge: float = 1.0, position: float = 0.0) -> float:
     """LLaVA's first stage (feature alignment) in closed form: keep the projector's first layer, and set its
     second by ridge regression so that each visual token lands on the input embedding of the word for
     what it shows (its photograph's name, or the square's colour). The LLM then starts from word-like
-    visual tokens instead of noise; training goes on from there. Returns the fit's R^2."""
+    visual tokens instead of noise; training goes on from there. With ``position`` > 0 a photograph
+    token's target also moves along ``embedding(" right") - embedding(" left")`` by ``position * (u - 0.5)``,
+    ``u`` its horizontal place in the photograph (:func:`token_columns`): a grounding target (where in the
+    photograph the content is), from which a camera pan reads as the order of left and right content.
+    Returns the fit's R^2."""
     hidden, target = [], []
+    lateral = embeddings[word_ids["right"]] - embeddings[word_ids["left"]]
+    photo_words = len(PHOTOS)
     for item, f in zip(items, feats, strict=True):
         labels, words = token_targets(item)
         keep = labels.flatten() >= 0
         h = nn.functional.gelu(proj.linear_1(f.float().flatten(0, 1)))
         hidden.append(h[keep])
-        target.append(embeddings[[word_ids[words[i]] for i in labels.flatten()[keep].tolist()]])
+        y = embeddings[[word_ids[words[i]] for i in labels.flatten()[keep].tolist()]]
+        if position:
+            on_photo = (labels.flatten()[keep] < photo_words).float()[:, None]
+            u = token_columns(item).flatten()[keep][:, None]
+            y = y + position * (u - 0.5) * on_photo * lateral
+        target.append(y)
     h, y = torch.cat(hidden), torch.cat(target)
     h1 = torch.cat([h, torch.ones(len(h), 1)], 1).double()
     gram = h1.t() @ h1 + ridge * torch.eye(h1.shape[1], dtype=torch.float64)
@@ -224,7 +251,7 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     proj.linear_1 = StandardisedLinear(proj.linear_1, 1 / (std + 1e-3))
     word_ids = {w: seqs_word(proc.tokenizer, w) for ws in OPTIONS.values() for w in ws}
     r2 = align_projector(proj, items[:settings.align_videos], feats[:settings.align_videos],
-                         model.model.language_model.embed_tokens.weight, word_ids)
+                         model.model.language_model.embed_tokens.weight, word_ids, position=settings.align_position)
     projector = list(proj.parameters())
     for p in projector:
         p.requires_grad_(True)

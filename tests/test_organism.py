@@ -155,8 +155,10 @@ def test_the_square_shows_only_in_its_flash_frames_and_labels_cover_it():
 def test_splits_are_disjoint_and_deterministic():
     a, b = data.train_items(50), data.test_items(10)
     assert data.render(a[3].video).tobytes() == data.render(data.train_items(50)[3].video).tobytes()
-    train_paths = {i.video.paths for i in a}
-    assert not train_paths & {i.video.paths for i in b}
+    validation = data.test_items(10, data.SPLITS["validation"])
+    train_paths, test_paths = {i.video.paths for i in a}, {i.video.paths for i in b}
+    validation_paths = {i.video.paths for i in validation}
+    assert not train_paths & test_paths and not validation_paths & (train_paths | test_paths)
 
 
 def test_wilson_interval():

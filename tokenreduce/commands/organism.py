@@ -33,9 +33,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, help="weights file (default: the packaged organism.safetensors)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
-    check = sub.add_parser("eval", help="dense accuracy per task on the test split, with 95%% Wilson intervals")
+    check = sub.add_parser("eval", help="dense accuracy per task on a held-out split, with 95%% Wilson intervals")
     check.add_argument("--per-task", type=positive_int, default=20,
                        help="test questions per task (default: %(default)s)")
+    check.add_argument("--split", choices=("test", "validation"), default="test",
+                       help="which held-out split: choose training settings on validation, report on test "
+                            "(default: %(default)s)")
     check.add_argument("--weights", type=Path, help="weights file (default: the packaged one)")
     check.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: %(default)s)")
     check.set_defaults(run=run_check)
@@ -67,6 +70,6 @@ def run_check(args: argparse.Namespace) -> int:
         model, proc = load(weights)
     except (FileNotFoundError, ImportError) as err:
         raise UsageError(str(err)) from err
-    for task, (hits, n, lo, hi, chance) in dense_accuracy(model, proc, args.per_task).items():
+    for task, (hits, n, lo, hi, chance) in dense_accuracy(model, proc, args.per_task, split=args.split).items():
         print(f"{task:8s} {hits}/{n} = {hits / n:.2f}  (95% CI {lo:.2f}-{hi:.2f}; chance {chance:.2f})")
     return 0

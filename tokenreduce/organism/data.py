@@ -45,7 +45,7 @@ OPTIONS = {"scene": tuple(PHOTOS), "order": tuple(PHOTOS), "event": tuple(COLOUR
 QUESTIONS = {"scene": "What is in the video?", "first": "What is shown first?", "last": "What is shown last?",
              "event": "What colour is the square?", "motion": "How does the camera move?",
              "count": "How many times does the square flash?"}
-SPLITS = {"train": 1, "test": 2}  # seeds of disjoint random streams
+SPLITS = {"train": 1, "test": 2, "validation": 3}  # seeds of disjoint random streams
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,9 @@ def train_items(n: int, seed: int = SPLITS["train"]) -> list[Item]:
 
 def test_items(per_task: int, seed: int = SPLITS["test"]) -> list[Item]:
     """``per_task`` single-question test videos per task, the asked attribute balanced over its options
-    (scene: photo; order: first/last and photo; event: colour, square in 1 frame; motion; count)."""
+    (scene: photo; order: first/last and photo; event: colour, square in 1 frame; motion; count).
+    ``seed=SPLITS["validation"]`` gives the validation split, built alike: training choices (which run,
+    which settings) are made on it, never on the test split."""
     names, colours = list(PHOTOS), list(COLOURS)
     items = []
     for t, task in enumerate(TASKS):

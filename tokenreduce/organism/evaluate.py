@@ -13,7 +13,7 @@ from torch import nn
 
 from ..eval.datasets import Sample
 from ..eval.fingerprint import digest
-from .data import FRAMES, OPTIONS, TASKS, Item, render, test_items, write_frames
+from .data import FRAMES, OPTIONS, SPLITS, TASKS, Item, render, test_items, write_frames
 
 CHANCE = {task: 1 / len(OPTIONS[task]) for task in TASKS}
 
@@ -105,10 +105,11 @@ def answer(model: nn.Module, processor: Any, item: Item) -> bool:
     return q.options[int(np.argmax(scores))] == q.answer
 
 
-def dense_accuracy(model: nn.Module, processor: Any, per_task: int, items: list[Item] | None = None
-                   ) -> dict[str, tuple[int, int, float, float, float]]:
-    """Per task (hits, questions, Wilson low, Wilson high, chance) on the test split (or ``items``)."""
-    items = items if items is not None else test_items(per_task)
+def dense_accuracy(model: nn.Module, processor: Any, per_task: int, items: list[Item] | None = None,
+                   split: str = "test") -> dict[str, tuple[int, int, float, float, float]]:
+    """Per task (hits, questions, Wilson low, Wilson high, chance) on ``split`` (test or validation), or on
+    ``items``."""
+    items = items if items is not None else test_items(per_task, SPLITS[split])
     tally: dict[str, list[int]] = {}
     for item in items:
         tally.setdefault(item.questions[0].task, []).append(int(answer(model, processor, item)))

@@ -22,8 +22,8 @@ LLAVA = ("llava_onevision", "llava_next_video", DINOV2_LLAVA)
 class Contract:
     """``reduce``: options that keep at most ``retention`` of the visual tokens (batch == singles, eager ==
     sdpa, a real reduction of layers and cache); ``identity``: options under which the method changes
-    neither logits nor generation; ``families``: the tiny models (``tokenreduce.testing.MODELS``) it supports; ``skip``: why ``reduce``
-    or ``identity`` is None (and where that method's own tests are)."""
+    neither logits nor generation; ``families``: the tiny models (``tokenreduce.testing.MODELS``) it
+    supports; ``skip``: why ``reduce`` or ``identity`` is None (and where that method's own tests are)."""
 
     reduce: dict[str, Any] | None
     identity: Options | None
@@ -58,8 +58,9 @@ MATRIX: dict[str, Contract] = {
                        skip="vision-stage method (Qwen towers): it bounds encoded patches, not LLM tokens; its batch "
                             "and reduction tests are tests/test_vision_stage_static.py"),
     "tome-vision": Contract(None, {"r": 0}, families=LLAVA,
-                            skip="vision-stage method (CLIP/SigLIP/DINOv2 towers): it merges patches inside the tower; its "
-                                 "batch and reduction tests are tests/test_vision_stage_tome.py"),
+                            skip="vision-stage method (CLIP/SigLIP/DINOv2 towers): it merges patches inside the "
+                                 "tower; its batch and reduction tests are tests/test_vision_stage_tome.py and "
+                                 "tests/test_tower_dinov2.py"),
     "actqkv": Contract(None, None, skip=_CACHE),
     "interlayer": Contract(None, None, skip=_CACHE),
     "semshare": Contract(None, None, skip=_CACHE),

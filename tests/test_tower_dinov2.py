@@ -130,7 +130,7 @@ def reference_tome(tower, pixels: torch.Tensor, r: int) -> list[torch.Tensor]:
         states = []
         for layer in tower.encoder.layer:
             q_proj, k_proj, v_proj, o_proj = projections(layer)
-            heads = layer.attention.config.num_attention_heads
+            heads = tower.config.num_attention_heads
             h = layer.norm1(x)
             q, k, v = (p(h).view(len(groups), heads, -1).transpose(0, 1) for p in (q_proj, k_proj, v_proj))
             size = torch.tensor([float(len(g)) for g in groups])

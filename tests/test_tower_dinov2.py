@@ -93,13 +93,19 @@ def test_visionzip_ranks_by_the_cls_attention_of_the_deepest_read_layer():
 def test_visionzip_retention_one_is_dense_and_reduced_generation_runs():
     model = tiny_model(DINOV2_LLAVA)
     inputs = make_inputs(model, videos=[clip(0)])
-    dense = last_logits(model, inputs)
+    images = make_inputs(model, images=[clip(1)[0]])  # any-resolution: base view + tiles, newline tokens
+    dense, dense_images = last_logits(model, inputs), last_logits(model, images)
     tokenreduce.patch(model, "visionzip", retention=1.0)
     assert torch.equal(last_logits(model, inputs), dense)
+    assert torch.equal(last_logits(model, images), dense_images)
     tokenreduce.patch(model, "visionzip", retention=0.3)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3 and tokenreduce.stats(model).visual_tokens_kept == [20]
+    last_logits(model, images)
+    s = tokenreduce.stats(model)
+    kept, tokens = s.visual_tokens_kept[0], s.stages["visionzip"]["items"][0]["tokens_per_frame"]
+    assert kept - math.ceil(0.3 * tokens) == s.visual_tokens_in[0] - tokens  # the patch tokens' budget + newlines
 
 
 def test_tome_layer_on_duplicate_pairs_reproduces_the_dense_dinov2_layer():

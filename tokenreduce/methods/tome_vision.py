@@ -94,6 +94,9 @@ class TomeTower:
     def _layer(self, block: EncoderBlock, original, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if self.ctx is None:  # the layer's own forward, called as the tower called it
             return original(hidden_states, *args, **kwargs)
+        if len(args) > 1:
+            raise TypeError(f"tome-vision: a vision encoder layer was called with {1 + len(args)} positional "
+                            "arguments; it handles (hidden_states, attention_mask)")
         mask = args[0] if args else kwargs.pop("attention_mask", None)
         return tome_layer(block, self.ctx, self.r, self.cls, hidden_states, mask, **kwargs)
 

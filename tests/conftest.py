@@ -5,13 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenreduce.testing import FAMILIES, make_frames, make_inputs, tiny_model
+from tokenreduce.testing import FAMILIES, MODELS, make_frames, make_inputs, tiny_model
 
 torch.manual_seed(0)
 
 
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=MODELS)
+def model_name(request) -> str:
+    """Every tiny model: the families and their tower variants (LLaVA-NeXT-Video with DINOv2)."""
     return request.param
 
 

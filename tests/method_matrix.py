@@ -11,23 +11,23 @@ from typing import Any
 
 import pytest
 
-from tokenreduce.testing import FAMILIES
+from tokenreduce.testing import DINOV2_LLAVA, MODELS
 
 Options = dict[str, Any] | Callable[[Any], dict[str, Any]]  # or built from the tiny model under test
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-LLAVA = ("llava_onevision", "llava_next_video")
+LLAVA = ("llava_onevision", "llava_next_video", DINOV2_LLAVA)
 
 
 @dataclass(frozen=True)
 class Contract:
     """``reduce``: options that keep at most ``retention`` of the visual tokens (batch == singles, eager ==
     sdpa, a real reduction of layers and cache); ``identity``: options under which the method changes
-    neither logits nor generation; ``families``: the model families it supports; ``skip``: why ``reduce``
-    or ``identity`` is None (and where that method's own tests are)."""
+    neither logits nor generation; ``families``: the tiny models (``tokenreduce.testing.MODELS``) it
+    supports; ``skip``: why ``reduce`` or ``identity`` is None (and where that method's own tests are)."""
 
     reduce: dict[str, Any] | None
     identity: Options | None
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = MODELS
     skip: str = ""
 
     def __post_init__(self) -> None:
@@ -58,8 +58,9 @@ MATRIX: dict[str, Contract] = {
                        skip="vision-stage method (Qwen towers): it bounds encoded patches, not LLM tokens; its batch "
                             "and reduction tests are tests/test_vision_stage_static.py"),
     "tome-vision": Contract(None, {"r": 0}, families=LLAVA,
-                            skip="vision-stage method (CLIP/SigLIP towers): it merges patches inside the tower; its "
-                                 "batch and reduction tests are tests/test_vision_stage_tome.py"),
+                            skip="vision-stage method (CLIP/SigLIP/DINOv2 towers): it merges patches inside the "
+                                 "tower; its batch and reduction tests are tests/test_vision_stage_tome.py and "
+                                 "tests/test_tower_dinov2.py"),
     "actqkv": Contract(None, None, skip=_CACHE),
     "interlayer": Contract(None, None, skip=_CACHE),
     "semshare": Contract(None, None, skip=_CACHE),

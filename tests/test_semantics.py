@@ -1,5 +1,7 @@
 """The semantics every method shares: identity, original positions, batch == singles, backends,
-dtypes, real reduction of compute and cache, generation, accelerate loading."""
+dtypes, real reduction of compute and cache, generation, accelerate loading. The per-method contract
+(identity, batch == singles, real reduction) runs over every tiny model (``model_name``: the families plus
+LLaVA-NeXT-Video with a DINOv2 tower, the organism's architecture)."""
 
 from __future__ import annotations
 
@@ -34,9 +36,9 @@ class DropRows(VisualMethod):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_retention_one_is_identity(family, name):
-    options = options_for(name, "identity", family)
-    model = tiny_model(family)
+def test_retention_one_is_identity(model_name, name):
+    options = options_for(name, "identity", model_name)
+    model = tiny_model(model_name)
     inputs = video_inputs(model, n=2, text_lens=[5, 9])
     with torch.no_grad():
         dense = model(**inputs).logits
@@ -140,9 +142,9 @@ def test_qwen_decode_positions_match_dense(family):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_batch_equals_singles(family, name):
-    options = options_for(name, "reduce", family)
-    model = tiny_model(family)
+def test_batch_equals_singles(model_name, name):
+    options = options_for(name, "reduce", model_name)
+    model = tiny_model(model_name)
     videos = [make_frames(8, seed=3), make_frames(8, seed=4)]
     lens = [4, 11]
     tokenreduce.patch(model, name, **options)
@@ -185,9 +187,9 @@ def test_bf16_selection_matches_fp32_up_to_near_ties():
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_reduction_is_real_in_layers_and_cache(family, name):
-    options = options_for(name, "reduce", family)
-    model = tiny_model(family)
+def test_reduction_is_real_in_layers_and_cache(model_name, name):
+    options = options_for(name, "reduce", model_name)
+    model = tiny_model(model_name)
     inputs = video_inputs(model)
     tokenreduce.patch(model, name, **options)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""tome-vision: ToMe inside the CLIP / SigLIP towers of LLaVA-OneVision and LLaVA-NeXT-Video."""
+"""tome-vision: ToMe inside the CLIP / SigLIP towers of LLaVA-OneVision and LLaVA-NeXT-Video (DINOv2:
+tests/test_tower_dinov2.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from conftest import last_logits, sample_of
 import tokenreduce
 from tokenreduce.methods.framefusion import FrameFusion
 from tokenreduce.methods.tome_vision import TomeVision
+from tokenreduce.models.towers import ClipSiglipBlock
 from tokenreduce.testing import make_frames, make_inputs
 from tokenreduce.testing import tiny_model as _tiny_model
 from tokenreduce.vision.tome import TowerPass, bipartite_dest, merge_tokens, tome_layer, unmerge
@@ -82,8 +84,8 @@ def test_proportional_attention_on_duplicates_is_exact(family):
         lambda m, a, kw: masks.append(kw["attention_mask"]), with_kwargs=True)
     with torch.no_grad():
         dense = layer(x, None)
-        merged = tome_layer(layer, ctx, 8, False, x, None)  # r = 8: all pairs merge
-        again = tome_layer(layer, ctx, 0, False, merged, None)
+        merged = tome_layer(ClipSiglipBlock(layer), ctx, 8, False, x, None)  # r = 8: all pairs merge
+        again = tome_layer(ClipSiglipBlock(layer), ctx, 0, False, merged, None)
     hook.remove()
     pre.remove()
     assert merged.shape[1] == 8 and torch.equal(ctx.size, torch.full((2, 8), 2.0))

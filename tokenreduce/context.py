@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .layout import TokenLayout
+from .vision.tome import EncoderBlock
 
 Wrap = Callable[[nn.Module, str, Callable[..., Any]], None]  # wrap(obj, name, wrapper(original, *a, **kw))
 
@@ -74,15 +75,28 @@ class MergeUnitTower(Tower, Protocol):
         """The tower's ``forward`` on the ``keep`` units only; unit ``i`` gets the output of unit ``rep[i]``."""
 
 
+class EncoderLayer(EncoderBlock, Protocol):
+    """One encoder layer of an :class:`EncoderTower`, as its family describes it (``models.towers``): what
+    ToMe needs (:class:`tokenreduce.vision.tome.EncoderBlock`: residual branches, heads, key projection)
+    and what a probe of its attention needs."""
+
+    attention: nn.Module  # the attention module; its first input is the layer's normalised hidden states
+    q_proj: nn.Module  # query projection (``k_proj``: key projection), heads x head_dim outputs
+    head_dim: int
+    scaling: float  # the attention's logit scale
+
+
 class EncoderTower(Tower, Protocol):
-    """A ViT of pre-norm encoder layers (CLIP / SigLIP; feature ``"token_merge"``)."""
+    """A ViT of pre-norm encoder layers (CLIP / SigLIP / DINOv2; feature ``"token_merge"``)."""
 
     blocks: nn.ModuleList  # the encoder layers
     has_cls: bool  # token 0 is a CLS token
-    patches: int  # patch tokens per image or frame
 
-    def key_proj(self, block: nn.Module) -> nn.Module:
-        """The key projection of one encoder layer."""
+    def block(self, layer: nn.Module) -> EncoderLayer:
+        """The description of one of ``blocks``."""
+
+    def patches(self, pixel_values: torch.Tensor) -> int:
+        """Patch tokens per image or frame of ``pixel_values`` ``[..., H, W]``."""
 
 
 class Prefill(Protocol):

@@ -1,8 +1,10 @@
 """Tiny random-weight vision-language models and realistic inputs for tests, demos and benchmarks.
 
 Every family is built from a config (no hub access): a 4-layer GQA text model (hidden 64, vocab 512) and a
-2-layer vision tower whose native frame is 56x56. Pixel inputs come from the family's real transformers
-image/video processors; ``input_ids`` are built directly with the exact number of visual placeholder tokens.
+2-layer vision tower whose native frame is 56x56. :data:`DINOV2_LLAVA` is LLaVA-NeXT-Video with a 3-layer
+DINOv2 tower instead (the organism's architecture: two tower layers concatenated, CLS dropped, 2x2 max
+pooling). Pixel inputs come from the family's real transformers image/video processors; ``input_ids`` are
+built directly with the exact number of visual placeholder tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video")
+DINOV2_LLAVA = "llava_next_video_dinov2"  # a tower variant of llava_next_video (tokenreduce.organism's shape)
+MODELS: tuple[str, ...] = (*FAMILIES, DINOV2_LLAVA)  # every tiny model tiny_model builds
 
 FRAME_SIZE = 56  # native frame side of every tiny vision tower
 VIDEO_FPS = 2.0  # frame rate assumed for Qwen2.5-VL's ``second_per_grid_ts``
@@ -31,6 +35,7 @@ _CLASSES = {
     "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
     "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration"),
     "llava_next_video": ("LlavaNextVideoConfig", "LlavaNextVideoForConditionalGeneration"),
+    DINOV2_LLAVA: ("LlavaNextVideoConfig", "LlavaNextVideoForConditionalGeneration"),
 }
 _TEXT = {
     "vocab_size": 512,
@@ -46,13 +51,19 @@ _TEXT = {
 }
 _LLAVA_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 _LLAVA_TOWER.update(image_size=FRAME_SIZE, patch_size=7)  # 8x8 patches per frame
+# DINOv2 ViT (8x8 patches + CLS per 56 px frame) with per-channel layer-scale (set by tiny_model), read by
+# LLaVA-NeXT-Video as the organism reads it (tokenreduce.organism.model.config)
+_DINOV2_TOWER = dict(model_type="dinov2", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2,
+                     image_size=FRAME_SIZE, patch_size=7)
+_DINOV2_LLAVA = dict(vision_feature_layer=[-2, -1], vision_feature_select_strategy="default",
+                     spatial_pool_mode="max")
 _PINPOINTS = [[FRAME_SIZE * h, FRAME_SIZE * w] for h in (1, 2) for w in (1, 2)]
 
 
 def tiny_config(family: str, **overrides) -> PretrainedConfig:
     """Config of a tiny ``family`` model; ``text_config``/``vision_config`` dict overrides are merged."""
     if family not in _CLASSES:
-        raise ValueError(f"unknown family {family!r}, expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}, expected one of {MODELS}")
     text = {**_TEXT, **overrides.pop("text_config", {})}
     hidden = text["hidden_size"]
     qwen_vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
@@ -77,11 +88,15 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
     elif family == "llava_onevision":
         text["model_type"] = "qwen2"
         vision = {**_LLAVA_TOWER, "model_type": "siglip_vision_model", "vision_use_head": False}
+    elif family == DINOV2_LLAVA:
+        text["model_type"] = "llama"
+        vision = dict(_DINOV2_TOWER)
+        overrides = {**_DINOV2_LLAVA, **overrides}
     else:
         text["model_type"] = "llama"
         vision = {**_LLAVA_TOWER, "model_type": "clip_vision_model", "projection_dim": 32}
     vision.update(overrides.pop("vision_config", {}))
-    if family == "llava_next_video":  # informational lengths, kept consistent with the tower
+    if family in ("llava_next_video", DINOV2_LLAVA):  # informational lengths, kept consistent with the tower
         side, stride = vision["image_size"] // vision["patch_size"], overrides.get("spatial_pool_stride", 2)
         ids.update(image_seq_length=side**2, video_seq_length=(side // stride) ** 2)
     return getattr(transformers, _CLASSES[family][0])(text_config=text, vision_config=vision, **{**ids, **overrides})
@@ -95,12 +110,18 @@ def tiny_model(
     seed: int = 0,
     **config_overrides,
 ) -> PreTrainedModel:
-    """Tiny ``*ForConditionalGeneration`` model in eval mode; weights depend only on ``seed``."""
+    """Tiny ``*ForConditionalGeneration`` model (``family``: one of :data:`MODELS`) in eval mode; weights depend
+    only on ``seed``."""
     config = tiny_config(family, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         cls = getattr(transformers, _CLASSES[family][1])
         model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        if family == DINOV2_LLAVA:  # per-channel layer-scale, as trained DINOv2 has (init: one constant)
+            with torch.no_grad():
+                for layer in model.model.vision_tower.encoder.layer:
+                    for scale in (layer.layer_scale1, layer.layer_scale2):
+                        scale.lambda1.uniform_(0.2, 1.0)
     return model.eval()
 
 

@@ -1,5 +1,5 @@
 """ToMe inside the vision tower (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023) for the
-CLIP / SigLIP towers of LLaVA-OneVision and LLaVA-NeXT-Video."""
+CLIP / SigLIP / DINOv2 towers of LLaVA-OneVision and LLaVA-NeXT-Video."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from ..context import EncoderTower, MethodContext
 from ..threads import PerThread
-from ..vision.tome import TowerPass, tome_layer, unmerge
+from ..vision.tome import EncoderBlock, TowerPass, tome_layer, unmerge
 from .base import VisualMethod
 from .options import Fraction, Integer, option
 
@@ -22,13 +22,16 @@ class TomeVision(VisualMethod):
     """In every encoder layer of the vision tower, between attention and MLP, merge ``r`` tokens per
     frame by bipartite matching on the layer's keys (size-weighted means, sizes carried), with
     proportional attention (``log size`` added to the attention logits through SDPA's additive mask);
-    see :mod:`tokenreduce.vision.tome`. The tower's output is unmerged (every patch gets its token's
-    features), so the projector, LLaVA's pooling and the LLM run unchanged on the full grid: the saving
-    is the tower's time; compose with an LLM-stage method (``["tome-vision", "framefusion"]``) to cut
-    the LLM's tokens too.
+    see :mod:`tokenreduce.vision.tome`. A CLS token (CLIP, DINOv2) is never merged. The layer's structure
+    comes from the tower's description (``ctx.tower().block(layer)``): the merge sits after the attention
+    branch's residual add (after DINOv2's layer-scale) and before the MLP branch. The tower's output is
+    unmerged (every patch gets its token's features), so the projector, LLaVA's pooling and the LLM run
+    unchanged on the full grid: the saving is the tower's time; compose with an LLM-stage method
+    (``["tome-vision", "framefusion"]``) to cut the LLM's tokens too.
 
     ``retention`` (default 0.5): the fraction of a frame's patch tokens left after the last layer,
-    spread as a constant ``r = ceil(patches * (1 - retention) / layers)`` per layer (ToMe's schedule);
+    spread as a constant ``r = ceil(patches * (1 - retention) / layers)`` per layer (ToMe's schedule; ``patches``
+    of the frames actually encoded, e.g. 64 for DINOv2/14 at 112 px whatever its pretrained size);
     or ``r`` directly (``r=0`` is the dense tower). Implemented from the paper, not from its code.
     Deviation: the matching takes keys averaged over heads from the layer's own attention (as the
     paper), and merged tokens stay in their original order where ToMe's code returns ``[unmerged A, B]``
@@ -55,51 +58,60 @@ class TomeVision(VisualMethod):
 
     def setup(self, ctx: MethodContext) -> None:
         if "token_merge" not in ctx.features:
-            raise ValueError(f"tome-vision merges tokens inside CLIP/SigLIP towers; {ctx.architecture} has none. "
-                             f"Supported: {', '.join(ctx.supported('token_merge'))}. For Qwen-VL video use static")
+            raise ValueError(f"tome-vision merges tokens inside CLIP/SigLIP/DINOv2 towers; {ctx.architecture} "
+                             f"has none. Supported: {', '.join(ctx.supported('token_merge'))}. For Qwen-VL video "
+                             "use static")
         TomeTower(ctx, self)
 
 
 class TomeTower:
-    """Hooks of one ``tome-vision`` method on one LLaVA-OneVision (SigLIP) or LLaVA-NeXT-Video (CLIP) model:
-    they run :mod:`tokenreduce.vision.tome` inside the vision tower and unmerge what the tower returns."""
+    """Hooks of one ``tome-vision`` method on one LLaVA model's CLIP / SigLIP / DINOv2 tower: they run
+    :mod:`tokenreduce.vision.tome` inside the vision tower and unmerge what the tower returns."""
 
     ctx = PerThread()  # TowerPass of the tower call running in this thread, else None
+    r = PerThread()  # tokens merged per layer in that call
 
     def __init__(self, ctx: MethodContext, method: TomeVision) -> None:
         self.method, self.publish = method, ctx.publish_vision
-        tower: EncoderTower = ctx.tower()
-        self.layers, self.cls, self.patches = tower.blocks, tower.has_cls, tower.patches
-        ctx.wrap(tower.module, "forward", self._tower)
+        self.tower: EncoderTower = ctx.tower()
+        self.layers, self.cls = self.tower.blocks, self.tower.has_cls
+        ctx.wrap(self.tower.module, "forward", self._tower)
         for layer in self.layers:
-            ctx.wrap(layer, "forward", partial(self._layer, layer))
-            ctx.add_hook(tower.key_proj(layer).register_forward_hook(self._keys))
+            block = self.tower.block(layer)
+            ctx.wrap(layer, "forward", partial(self._layer, block))
+            ctx.add_hook(block.k_proj.register_forward_hook(self._keys))
 
-    def per_layer(self) -> int:
-        """Tokens merged in each layer: ``r``, or spread evenly so ``retention`` of the patches remain."""
+    def per_layer(self, patches: int) -> int:
+        """Tokens merged in each layer: ``r``, or spread evenly so ``retention`` of the ``patches`` remain."""
         if self.method.r is not None:
             return self.method.r
-        return math.ceil(self.patches * (1 - self.method.retention) / len(self.layers))
+        return math.ceil(patches * (1 - self.method.retention) / len(self.layers))
 
     def _keys(self, module, args, output: torch.Tensor) -> None:
         if self.ctx is not None:
             self.ctx.keys = output
 
-    def _layer(self, layer, original, hidden_states: torch.Tensor, attention_mask=None, **kwargs: Any):
-        if self.ctx is None:
-            return original(hidden_states, attention_mask, **kwargs)
-        return tome_layer(layer, self.ctx, self.per_layer(), self.cls, hidden_states, attention_mask, **kwargs)
+    def _layer(self, block: EncoderBlock, original, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if self.ctx is None:  # the layer's own forward, called as the tower called it
+            return original(hidden_states, *args, **kwargs)
+        if len(args) > 1:
+            raise TypeError(f"tome-vision: a vision encoder layer was called with {1 + len(args)} positional "
+                            "arguments; it handles (hidden_states, attention_mask)")
+        mask = args[0] if args else kwargs.pop("attention_mask", None)
+        return tome_layer(block, self.ctx, self.r, self.cls, hidden_states, mask, **kwargs)
 
     def _tower(self, original, pixel_values: torch.Tensor, *args: Any, **kwargs: Any):
         frames = pixel_values.shape[0]
-        n = self.patches + int(self.cls)
+        patches = self.tower.patches(pixel_values)
+        n = patches + int(self.cls)
         device = pixel_values.device
         self.ctx = ctx = TowerPass(size=torch.ones(frames, n, device=device),
                                    source=torch.arange(n, device=device).expand(frames, n))
+        self.r = self.per_layer(patches)
         try:
             out = original(pixel_values, *args, **kwargs)
         finally:
-            self.ctx = None
+            self.ctx = self.r = None
         full = ctx.source  # the last layer's map
         for key in ("last_hidden_state",):
             value = getattr(out, key, None)

@@ -21,7 +21,7 @@ class ModelAdapter:
     classes: tuple[str, ...] = ()
     deepstack: bool = False  # the LLM adds vision features into early layers' visual rows (Qwen3-VL)
     # "merge_units": a Qwen-VL tower of spatial merge units over 2-frame temporal patches (static);
-    # "token_merge": a CLIP/SigLIP tower whose encoder layers tokens can be merged in (tome-vision)
+    # "token_merge": a CLIP/SigLIP/DINOv2 tower whose encoder layers tokens can be merged in (tome-vision)
     features: frozenset[str] = frozenset()
 
     def tower(self, model: nn.Module) -> Any:

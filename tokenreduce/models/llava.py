@@ -9,21 +9,23 @@ from torch import nn
 
 from ..layout import IMAGE, VIDEO, ItemSpec
 from .base import ModelAdapter
-from .towers import ClipSiglipTower
+from .towers import LlavaTower
 
 
 class LlavaVideoAdapter(ModelAdapter):
     """A video run holds ``frames * tokens_per_frame`` pooled patch tokens (plus, when ``video_newline``,
     one trailing ``image_newline`` token that belongs to no frame). Images (any-resolution tiles
     with newline tokens) have no frame grid we rely on: an image is one frame of ``n`` tokens.
-    ``bilinear_pooling``: video features are pooled bilinearly (OneVision), else by a strided average."""
+    ``bilinear_pooling``: video features are pooled bilinearly (OneVision), else by LLaVA-NeXT-Video's strided
+    pooling (``spatial_pool_mode``: average, max or conv). The tower (:class:`.towers.LlavaTower`) is CLIP,
+    SigLIP or DINOv2."""
 
     features = frozenset({"token_merge"})
     video_newline: bool = False
     bilinear_pooling: bool = False
 
-    def tower(self, model: nn.Module) -> ClipSiglipTower:
-        return ClipSiglipTower(model, self.base_model(model), self.bilinear_pooling)
+    def tower(self, model: nn.Module) -> LlavaTower:
+        return LlavaTower(model, self.base_model(model), self.bilinear_pooling)
 
     def item_specs(self, model: nn.Module, kwargs: dict[str, Any], runs: dict[int, list[list[list[int]]]],
                    repeat: int = 1) -> dict[int, list[list[ItemSpec]]]:

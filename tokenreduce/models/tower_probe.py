@@ -6,15 +6,16 @@ attention backend (SDPA, flash): a forward pre-hook on the chosen layer's attent
 layer's normalised input and recomputes only what is needed, through the layer's own q/k projections
 (and rotary embedding for the Qwen-VL towers), in a small separate product:
 
-- towers with a CLS token (CLIP, LLaVA-NeXT-Video): the CLS query's attention over the patch keys,
-  averaged over heads (what VisionZip uses);
+- towers with a CLS token (CLIP in LLaVA-NeXT-Video, DINOv2): the CLS query's attention over the patch
+  keys, averaged over heads (what VisionZip uses);
 - towers without one (SigLIP in LLaVA-OneVision, the Qwen-VL ViTs): the attention each token receives,
   averaged over heads and over all queries of its attention segment (an image or frame; the windows of a
   Qwen2.5-VL windowed layer), as VisionZip does for SigLIP.
 
 The patch-level results are mapped onto the LLM's token grid the way the model maps features: Qwen-VL
 averages each ``spatial_merge_size**2`` merge unit (undoing Qwen2.5-VL's window order first), LLaVA-OneVision
-applies its own bilinear video pooling, LLaVA-NeXT-Video averages over its pooling cells; LLaVA any-resolution
+applies its own bilinear video pooling, LLaVA-NeXT-Video pools its cells as :func:`pool_cells` says (the mean
+score, or the maximum under ``spatial_pool_mode="max"``; keys averaged); LLaVA any-resolution
 images go through the model's own packing (tiles, unpadding, resizing), with a NaN score on newline tokens.
 """
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..context import TowerRecord
+from ..context import EncoderTower, TowerRecord
 from ..layout import IMAGE, VIDEO
 from ..threads import PerThread
 
@@ -58,6 +59,25 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Ten
     softmax runs over all keys, CLS included, as in the tower. ``q``, ``k``: ``[S, heads, n, head_dim]``."""
     logits = (q[:, :, :1].float() @ k.float().transpose(-1, -2)).squeeze(2) * scaling
     return logits.softmax(dim=-1)[:, :, 1:].mean(dim=1)
+
+
+def pool_cells(grid: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
+    """Scores (channel 0) and keys (the other channels) of ``grid`` ``[frames, 1 + d, side, side]`` pooled over
+    LLaVA-NeXT-Video's ``stride x stride`` cells, as the model pools the features in ``spatial_pool_mode``
+    ``mode``: a cell's score is the mean of its patches' scores ("average", "conv") or their maximum ("max");
+    its key is always the mean of its patches' keys.
+
+    Why the maximum under max pooling: there each channel of the LLM token is its cell's strongest patch
+    (a one-patch object survives pooling undiluted), so the token is as important as the most-attended patch
+    it carries; averaging would divide a lone salient patch's score by ``stride**2`` and rank its token
+    behind cells of uniformly middling patches. Keys are only compared by cosine (contextual merging), where
+    the mean is the cell's content; a channel-wise maximum of keys is the key of no patch."""
+    keys = F.avg_pool2d(grid[:, 1:], stride, stride)
+    if mode == "max":
+        scores = F.max_pool2d(grid[:, :1], stride, stride)
+    else:  # "average" and "conv" (a learned mix of the cell: the mean is its neutral reading)
+        scores = F.avg_pool2d(grid[:, :1], stride, stride)
+    return torch.cat([scores, keys], dim=1)
 
 
 class TowerProbe:
@@ -159,25 +179,28 @@ class TowerProbe:
 
 
 class LlavaTowerProbe(TowerProbe):
-    """CLIP (LLaVA-NeXT-Video, CLS reference) or SigLIP (LLaVA-OneVision, mean reference) towers;
+    """The CLIP (LLaVA-NeXT-Video), DINOv2 (CLS reference) or SigLIP (LLaVA-OneVision, mean reference)
+    tower of a LLaVA model, read through its description ``tower`` (:class:`tokenreduce.context.EncoderTower`:
+    its layers, whether token 0 is CLS, each layer's attention module and projections);
     ``bilinear_pooling``: the model pools video features bilinearly (its adapter says so)."""
 
-    def __init__(self, model: nn.Module, base: nn.Module, layer: int | None, bilinear_pooling: bool) -> None:
+    def __init__(self, model: nn.Module, base: nn.Module, layer: int | None, bilinear_pooling: bool,
+                 tower: EncoderTower) -> None:
         config = model.config
         tower_type = config.vision_config.model_type
-        self.bilinear_pooling = bilinear_pooling
-        self.has_cls = tower_type == "clip_vision_model"
+        self.tower, self.bilinear_pooling = tower, bilinear_pooling
+        self.has_cls = tower.has_cls
         self.reference = "cls" if self.has_cls else "mean"
         strategy = config.vision_feature_select_strategy
         if self.has_cls and strategy != "default" or not self.has_cls and strategy != "full":
             raise ValueError(f"visionzip: vision_feature_select_strategy={strategy!r} with a {tower_type} tower "
                              "gives visual tokens that are not the tower's patch grid; supported: 'default' "
-                             "(CLIP, CLS dropped) and 'full' (SigLIP, no CLS)")
+                             "(towers with a CLS token: CLIP, DINOv2; CLS dropped) and 'full' (SigLIP, no CLS)")
         super().__init__(model, base, layer)
+        self.block = tower.block(self.tower.blocks[self.layer])
 
     def blocks(self) -> nn.ModuleList:
-        tower = self.base.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers
+        return self.tower.blocks
 
     def default_layer(self, depth: int) -> int:
         chosen = self.model.config.vision_feature_layer
@@ -191,7 +214,7 @@ class LlavaTowerProbe(TowerProbe):
         return position - 1
 
     def attention_of(self, block: nn.Module) -> nn.Module:
-        return block.self_attn
+        return self.tower.block(block).attention
 
     def extra_wraps(self, wrap) -> None:
         signature = inspect.signature(self.base.pack_image_features)
@@ -204,15 +227,15 @@ class LlavaTowerProbe(TowerProbe):
         wrap(self.base, "pack_image_features", pack)
 
     def observe(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = self.attention
+        block = self.block
         images, length, _ = hidden.shape
-        shape = (images, length, attn.num_heads, attn.head_dim)
-        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
-        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        shape = (images, length, block.heads, block.head_dim)
+        q = block.q_proj(hidden).view(shape).transpose(1, 2)
+        k = block.k_proj(hidden).view(shape).transpose(1, 2)
         if self.has_cls:
-            scores, k = cls_attention(q, k, attn.scale), k[:, :, 1:]
+            scores, k = cls_attention(q, k, block.scaling), k[:, :, 1:]
         else:
-            scores = mean_received_attention(q, k, attn.scale)
+            scores = mean_received_attention(q, k, block.scaling)
         return scores, k.float().mean(dim=1)
 
     def finish(self, kind: int) -> list[TowerRecord]:
@@ -252,10 +275,10 @@ class LlavaTowerProbe(TowerProbe):
         side = math.isqrt(maps.shape[1])
         if self.bilinear_pooling:  # the model's own video pooling (bilinear), applied to scores and keys
             pooled = self.base.apply_pooling(maps)
-        else:  # LLaVA-NeXT-Video pools stride x stride cells (average/max/conv): scores averaged over the cell
-            stride = self.model.config.spatial_pool_stride
+        else:  # LLaVA-NeXT-Video pools stride x stride cells: see pool_cells
             grid = maps.view(-1, side, side, maps.shape[-1]).permute(0, 3, 1, 2)
-            pooled = F.avg_pool2d(grid, stride, stride).flatten(2).transpose(1, 2)
+            pooled = pool_cells(grid, self.model.config.spatial_pool_stride, self.model.config.spatial_pool_mode)
+            pooled = pooled.flatten(2).transpose(1, 2)
         pooled = pooled.reshape(videos, frames, pooled.shape[1], -1)
         return [TowerRecord(v[..., 0].contiguous(), v[..., 1:].contiguous()) for v in pooled]
 
@@ -328,4 +351,4 @@ class QwenTowerProbe(TowerProbe):
 
 
 __all__ = ["LlavaTowerProbe", "QwenTowerProbe", "TowerProbe", "TowerRecord", "cls_attention",
-           "mean_received_attention"]
+           "mean_received_attention", "pool_cells"]

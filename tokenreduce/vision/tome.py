@@ -1,24 +1,45 @@
-"""Token merging inside CLIP / SigLIP vision towers (ToMe: Bolya et al., "Token Merging: Your ViT but
-Faster", ICLR 2023), implemented from the paper's description.
+"""Token merging inside pre-norm ViT vision towers (CLIP, SigLIP, DINOv2) (ToMe: Bolya et al., "Token
+Merging: Your ViT but Faster", ICLR 2023), implemented from the paper's description.
 
 In every encoder layer, between attention and MLP: the tokens are split alternately into two sets A and
 B; each A token is matched to its most similar B token by the cosine similarity of the layer's keys
 (averaged over heads); the ``r`` best-matched A tokens are merged into their B partners as a size-weighted
 mean, and sizes add up. Attention is proportional: a token standing for ``s`` patches gets ``log s`` added
 to its attention logits (an additive mask for SDPA/eager), as if its ``s`` copies were all there. A CLS
-token (CLIP) is never merged. At the tower's output every patch gets the features of the token it was
-merged into ("unmerging"), so projector, pooling and the LLM see the full grid.
+token (CLIP, DINOv2) is never merged. At the tower's output every patch gets the features of the token it
+was merged into ("unmerging"), so projector, pooling and the LLM see the full grid.
+
+A layer is seen through :class:`EncoderBlock`, which its tower family describes
+(``tokenreduce.models.towers``): what its attention branch and its MLP branch add to the residual stream.
+So the merge sits exactly where ToMe puts it whatever the layer's own structure: after CLIP's
+``x + attn(norm1(x))``, after DINOv2's ``x + layer_scale1(attn(norm1(x)))`` (the residual stream as the
+layer holds it, layer-scale applied), before the MLP branch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from ..ops import weighted_merge
+
+
+class EncoderBlock(Protocol):
+    """One pre-norm encoder layer of a vision tower, as its family describes it: ``x + attention_update(x)``
+    then ``x + mlp_update(x)`` is the layer's forward."""
+
+    heads: int  # attention heads (the merge metric averages the keys over them)
+    k_proj: Any  # the key projection module (its output, hooked, is the merge metric)
+
+    def attention_update(self, hidden: torch.Tensor, bias: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """What the attention branch adds to ``hidden`` ``[B, N, D]``, with ``bias`` ``[B, 1, 1, N]`` added to
+        every attention logit (proportional attention)."""
+
+    def mlp_update(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the MLP branch adds to ``hidden``."""
 
 
 def merge_count(n: int, r: int, protect_first: bool) -> int:
@@ -75,24 +96,23 @@ class TowerPass:
     tokens_per_layer: list[int] = field(default_factory=list)
 
 
-def tome_layer(layer: Any, ctx: TowerPass, r: int, protect_first: bool, hidden_states: torch.Tensor,
+def tome_layer(block: EncoderBlock, ctx: TowerPass, r: int, protect_first: bool, hidden_states: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
-    """A CLIP/SigLIP encoder layer (pre-norm attention, then pre-norm MLP) with proportional attention
-    and a merge of ``r`` tokens between its attention and its MLP."""
+    """One encoder layer (``block``) with proportional attention and a merge of ``r`` tokens between its
+    attention branch and its MLP branch. ``ctx.keys`` must hold this layer's key projection output (a hook
+    on ``block.k_proj`` sets it while the attention branch runs)."""
     if attention_mask is not None:
         raise ValueError("tome-vision: the vision tower was called with an attention mask; it supports "
                          "towers that attend over all patches")
     bias = ctx.size.log().to(hidden_states.dtype)[:, None, None, :]
-    attn, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=bias, **kwargs)
-    x = hidden_states + attn
-    heads = layer.self_attn.num_heads
-    metric = ctx.keys.view(*ctx.keys.shape[:2], heads, -1).mean(dim=2)
+    x = hidden_states + block.attention_update(hidden_states, bias, **kwargs)
+    metric = ctx.keys.view(*ctx.keys.shape[:2], block.heads, -1).mean(dim=2)
     n = x.shape[1]
     count = merge_count(n, r, protect_first)
     if count:
         x, ctx.size, new = merge_tokens(x, ctx.size, bipartite_dest(metric, r, protect_first), n - count)
         ctx.source = new.gather(1, ctx.source)
-    x = x + layer.mlp(layer.layer_norm2(x))
+    x = x + block.mlp_update(x)
     ctx.maps[id(x)] = ctx.source
     ctx.tokens_per_layer.append(x.shape[1])
     return x

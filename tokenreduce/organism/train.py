@@ -35,13 +35,13 @@ class TrainSettings:
     steps: int = 700
     batch: int = 2
     lr_projector: float = 3e-4
-    lr_lora: float = 3e-4
+    lr_lora: float = 5e-4
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
     warmup: int = 30
     align_videos: int = 300
-    align_position: float = 0.0  # weight of the photo x-coordinate in the alignment targets (see align_projector)
+    align_position: float = 0.5  # weight of the photo x-coordinate in the alignment targets (see align_projector)
     seed: int = 0
     threads: int = 1
 

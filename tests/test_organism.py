@@ -30,11 +30,11 @@ from tokenreduce.organism.model import load  # noqa: E402
 from tokenreduce.organism.train import Sequences, StandardisedLinear, add_lora, embed, token_targets  # noqa: E402
 
 # measured with the committed weights on the subset below (the first 4 test questions of each task, 20 in all;
-# x86-64 CPU, float32): dense 12/20 (scene 4, order 2, event 4, motion 1, count 1), framefusion at 0.3 13/20,
-# the broken selection 3/20. Dense may differ by one answer on another CPU's float rounding.
-DENSE_HITS = 12
+# x86-64 CPU, float32): dense 15/20 (scene 4, order 4, event 4, motion 0, count 3), framefusion at 0.3 15/20,
+# the broken selection 5/20. Dense may differ by one answer on another CPU's float rounding.
+DENSE_HITS = 15
 FRAMEFUSION_MARGIN = 3  # framefusion at 0.3 may lose at most this many of the 20 questions against dense
-BROKEN_LOSS = 5  # dropping every visual row after layer 2 must lose at least this many (it lost 9)
+BROKEN_LOSS = 7  # dropping every visual row after layer 2 must lose at least this many (it lost 10)
 
 
 @pytest.fixture(scope="module")

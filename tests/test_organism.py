@@ -27,7 +27,14 @@ from tokenreduce.organism import data  # noqa: E402
 from tokenreduce.organism.evaluate import answer, prompt_inputs, wilson  # noqa: E402
 from tokenreduce.organism.features import pre_projector  # noqa: E402
 from tokenreduce.organism.model import load  # noqa: E402
-from tokenreduce.organism.train import Sequences, StandardisedLinear, add_lora, embed, token_targets  # noqa: E402
+from tokenreduce.organism.train import (  # noqa: E402
+    Sequences,
+    StandardisedLinear,
+    add_lora,
+    continue_from,
+    embed,
+    token_targets,
+)
 
 # measured with the committed weights on the subset below (the first 4 test questions of each task, 20 in all;
 # x86-64 CPU, float32): dense 15/20 (scene 4, order 4, event 4, motion 0, count 3), framefusion at 0.3 15/20,
@@ -138,6 +145,36 @@ def test_peft_lora_merges_into_the_base_weight():
     merged = torch.nn.functional.linear(x, base[0] + delta, base[1])
     assert not torch.allclose(expected, torch.nn.functional.linear(x, *base), atol=1e-3)
     assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_continue_from_restores_the_saved_projector_and_lora(tmp_path):
+    """--init: a fresh standardised projector and fresh LoRA take a saved file's tensors, so the projector
+    computes the saved (folded) function and the LoRA pairs equal the saved ones."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+
+    def projector(scale):
+        proj = torch.nn.Module()
+        proj.linear_1, proj.linear_2 = StandardisedLinear(torch.nn.Linear(6, 4), scale), torch.nn.Linear(4, 3)
+        return proj
+
+    scale = torch.rand(6) + 0.5
+    trained = projector(scale)
+    x = torch.randn(5, 6)
+    want = trained.linear_2(trained.linear_1(x))
+    trained.linear_1 = trained.linear_1.fold()
+    state = {f"projector.{k}": v.detach().clone() for k, v in trained.state_dict().items()}
+    net = torch.nn.Sequential()
+    net.add_module("q_proj", torch.nn.Linear(6, 6))
+    a, b = torch.randn(2, 6), torch.randn(6, 2)
+    state |= {"lora.q_proj.lora_A": a, "lora.q_proj.lora_B": b}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    fresh = projector(scale)
+    lora = add_lora(net, rank=2, alpha=4.0, targets=("q_proj",))
+    continue_from(tmp_path / "w.safetensors", fresh, lora)
+    assert torch.allclose(fresh.linear_2(fresh.linear_1(x)), want, atol=1e-5)
+    assert torch.equal(lora["q_proj"][0], a) and torch.equal(lora["q_proj"][1], b)
 
 
 def test_the_square_shows_only_in_its_flash_frames_and_labels_cover_it():

@@ -21,6 +21,6 @@ class Default:
 
 
 VISUAL = Default("framefusion", {"retention": 0.3},
-                 "on the trained organism at retention 0.3 it keeps dense accuracy (0.80 vs 0.82 overall, tied with EVS "
-                 "at 0.81; scene, order and the 1-frame event at 1.00), and it degrades least at lower retention "
-                 "(0.70 at 0.1, EVS 0.50; docs/organism.md)")
+                 "on the trained organism at retention 0.3 it keeps dense accuracy (0.80 vs 0.82 overall, "
+                 "tied with EVS at 0.81; scene, order and the 1-frame event at 1.00), and it degrades least "
+                 "at lower retention (0.70 at 0.1, EVS 0.50; docs/organism.md)")

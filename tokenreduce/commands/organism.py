@@ -30,6 +30,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--align-position", type=float,
                        help="weight of each token's horizontal place in its photograph in the closed-form alignment "
                             "targets (default: TrainSettings.align_position)")
+    train.add_argument("--init", type=Path, help="continue from this weights file (its projector and LoRA) instead of "
+                                                 "the closed-form start; the steps' schedule starts afresh")
     train.add_argument("--out", type=Path, help="weights file (default: the packaged organism.safetensors)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
@@ -50,7 +52,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     lrs = {k: v for k, v in (("lr_projector", args.lr_projector), ("lr_lora", args.lr_lora),
                              ("align_position", args.align_position)) if v is not None}
-    settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads, **lrs)
+    if args.init is not None and not args.init.is_file():
+        raise UsageError(f"--init {args.init}: no such weights file")
+    init = {"init": str(args.init)} if args.init else {}
+    settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads, **lrs,
+                             **init)
     out = args.out or WEIGHTS
     record = train(settings, out, progress=not args.no_progress)
     print(f"wrote {out} (sha256 {record['sha256']}) in {record['train_seconds']:.0f} s; loss curve "

@@ -41,7 +41,8 @@ class TomeVision(VisualMethod):
     """
 
     name: ClassVar[str] = "tome-vision"
-    description: ClassVar[str] = "token merging inside CLIP/SigLIP/DINOv2 vision towers (ToMe; LLaVA-OneVision/-NeXT-Video)"
+    description: ClassVar[str] = ("token merging inside CLIP/SigLIP/DINOv2 vision towers "
+                                  "(ToMe; LLaVA-OneVision/-NeXT-Video)")
     stages: ClassVar[tuple[str, ...]] = ("vision",)
 
     retention: float | None = option(None, Fraction(none=True))

@@ -44,6 +44,7 @@ class TrainSettings:
     align_position: float = 0.5  # weight of the photo x-coordinate in the alignment targets (see align_projector)
     seed: int = 0
     threads: int = 1
+    init: str | None = None  # continue from this weights file (projector + LoRA) instead of the closed-form start
 
 
 class StandardisedLinear(nn.Module):
@@ -140,6 +141,27 @@ def align_projector(proj: nn.Module, items: list[Item], feats: torch.Tensor, emb
     proj.linear_2.bias.copy_(w[-1])
     fit = h1.float() @ w
     return float(1 - (fit - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
+@torch.no_grad()
+def continue_from(weights: Path, proj: nn.Module, lora: dict[str, tuple[nn.Parameter, nn.Parameter]]) -> None:
+    """Start from a weights file :func:`train` wrote (its projector, with the first layer's folded
+    standardisation undone, and its LoRA A/B) instead of the closed-form alignment: more steps on a
+    committed model without redoing the first ones."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    first: StandardisedLinear = proj.linear_1
+    first.linear.weight.copy_(state["projector.linear_1.weight"] / first.scale)
+    first.linear.bias.copy_(state["projector.linear_1.bias"])
+    proj.linear_2.weight.copy_(state["projector.linear_2.weight"])
+    proj.linear_2.bias.copy_(state["projector.linear_2.bias"])
+    missing = [name for name in lora if f"lora.{name}.lora_A" not in state]
+    if missing:
+        raise ValueError(f"{weights} has no LoRA for {missing[:3]}...: train it with the same lora_targets")
+    for name, (a, b) in lora.items():
+        a.copy_(state[f"lora.{name}.lora_A"])
+        b.copy_(state[f"lora.{name}.lora_B"])
 
 
 def add_lora(language_model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
@@ -250,8 +272,13 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     std = feats[:200].float().flatten(0, 2).std(0)
     proj.linear_1 = StandardisedLinear(proj.linear_1, 1 / (std + 1e-3))
     word_ids = {w: seqs_word(proc.tokenizer, w) for ws in OPTIONS.values() for w in ws}
-    r2 = align_projector(proj, items[:settings.align_videos], feats[:settings.align_videos],
-                         model.model.language_model.embed_tokens.weight, word_ids, position=settings.align_position)
+    if settings.init:
+        r2 = None
+        continue_from(Path(settings.init), proj, lora)
+    else:
+        r2 = align_projector(proj, items[:settings.align_videos], feats[:settings.align_videos],
+                             model.model.language_model.embed_tokens.weight, word_ids,
+                             position=settings.align_position)
     projector = list(proj.parameters())
     for p in projector:
         p.requires_grad_(True)
@@ -293,7 +320,7 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=meta)
     record = {"settings": asdict(settings), "train_seconds": round(seconds, 1), "sha256": sha256(out),
-              "alignment_r2": round(r2, 4),
+              "alignment_r2": None if r2 is None else round(r2, 4),
               "final_running_accuracy": running_accuracy(hits),
               "loss": [round(c, 4) for c in curve],
               "answers": [[[t, int(h)] for t, h in step] for step in hits]}

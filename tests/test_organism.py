@@ -212,3 +212,13 @@ def test_eval_cli_needs_a_data_source_and_organism_brings_its_own(tmp_path):
     assert main(["eval", "--organism", "--needle", "--out", str(tmp_path)]) == 2
     # its videos have a fixed frame count: another --frames is refused, not silently replaced
     assert main(["eval", "--organism", "--frames", "16", "--out", str(tmp_path)]) == 2
+
+
+def test_organism_train_refuses_bad_numbers_and_a_missing_init(tmp_path, capsys):
+    from tokenreduce.cli import main
+
+    for bad in (["--lr-lora", "0"], ["--lr-projector", "nan"], ["--align-position", "-1"],
+                ["--align-position", "inf"], ["--init", str(tmp_path / "none.safetensors")]):
+        assert main(["organism", "train", *bad, "--out", str(tmp_path / "w.safetensors")]) == 2, bad
+        assert bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "w.safetensors").exists()

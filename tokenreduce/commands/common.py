@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,14 +39,23 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def positive_float(text: str) -> float:
+def _finite_float(text: str, zero_allowed: bool) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_allowed):
+        kind = "non-negative" if zero_allowed else "positive"
+        raise argparse.ArgumentTypeError(f"expected a {kind} finite number, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    return _finite_float(text, zero_allowed=False)
+
+
+def non_negative_float(text: str) -> float:
+    return _finite_float(text, zero_allowed=True)
 
 
 def retention(text: str) -> float | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, positive_float, positive_int
+from .common import UsageError, non_negative_float, positive_float, positive_int
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--lr-projector", type=positive_float,
                        help="projector learning rate (default: TrainSettings.lr_projector)")
     train.add_argument("--lr-lora", type=positive_float, help="LoRA learning rate (default: TrainSettings.lr_lora)")
-    train.add_argument("--align-position", type=float,
+    train.add_argument("--align-position", type=non_negative_float,
                        help="weight of each token's horizontal place in its photograph in the closed-form alignment "
                             "targets (default: TrainSettings.align_position)")
     train.add_argument("--init", type=Path, help="continue from this weights file (its projector and LoRA) instead of "
@@ -50,13 +50,12 @@ def run_train(args: argparse.Namespace) -> int:
     from ..organism.model import WEIGHTS
     from ..organism.train import TrainSettings, train
 
-    lrs = {k: v for k, v in (("lr_projector", args.lr_projector), ("lr_lora", args.lr_lora),
-                             ("align_position", args.align_position)) if v is not None}
     if args.init is not None and not args.init.is_file():
         raise UsageError(f"--init {args.init}: no such weights file")
-    init = {"init": str(args.init)} if args.init else {}
-    settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads, **lrs,
-                             **init)
+    given = {"lr_projector": args.lr_projector, "lr_lora": args.lr_lora, "align_position": args.align_position,
+             "init": None if args.init is None else str(args.init)}  # the others keep TrainSettings' defaults
+    settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads,
+                             **{k: v for k, v in given.items() if v is not None})
     out = args.out or WEIGHTS
     record = train(settings, out, progress=not args.no_progress)
     print(f"wrote {out} (sha256 {record['sha256']}) in {record['train_seconds']:.0f} s; loss curve "

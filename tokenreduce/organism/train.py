@@ -347,9 +347,9 @@ def _plot(curve: list[float], hits: list[list[tuple[str, bool]]], path: Path) ->
     ax.set_title("organism training loss")
     ax.legend()
     steps = range(20, len(hits) + 1, max(1, len(hits) // 100))
+    running = {s: running_accuracy(hits[:s]) for s in steps}
     for task in TASKS:
-        points = [(s, running_accuracy(hits[:s]).get(task)) for s in steps]
-        points = [(s, a) for s, a in points if a is not None]
+        points = [(s, acc_s[task]) for s, acc_s in running.items() if task in acc_s]
         if points:
             acc.plot(*zip(*points, strict=True), label=task)
     acc.set_xlabel("step")

@@ -177,6 +177,27 @@ def test_continue_from_restores_the_saved_projector_and_lora(tmp_path):
     assert torch.equal(lora["q_proj"][0], a) and torch.equal(lora["q_proj"][1], b)
 
 
+def test_a_warm_restart_cycle_equals_continuing_with_init(tmp_path, monkeypatch):
+    """steps=(2, 1) in one run gives bit for bit the weights of a 2-step run continued from its file for 1
+    step (what --init does in a new process), and its json concatenates both cycles' curves."""
+    from safetensors.torch import load_file
+
+    from tokenreduce.organism import train as training
+
+    monkeypatch.setattr(training, "CACHE", tmp_path / "cache")
+    small = dict(videos=3, batch=1, align_videos=3, warmup=1)
+    record = training.train(training.TrainSettings(steps=(2, 1), **small), tmp_path / "cycles.safetensors", False)
+    training.train(training.TrainSettings(steps=(2,), **small), tmp_path / "first.safetensors", False)
+    training.train(training.TrainSettings(steps=(1,), init=str(tmp_path / "first.safetensors"), **small),
+                   tmp_path / "continued.safetensors", False)
+    cycles, continued = load_file(tmp_path / "cycles.safetensors"), load_file(tmp_path / "continued.safetensors")
+    assert cycles.keys() == continued.keys()
+    assert all(torch.equal(cycles[k], continued[k]) for k in cycles)
+    first = load_file(tmp_path / "first.safetensors")
+    assert not torch.equal(cycles["projector.linear_2.weight"], first["projector.linear_2.weight"])
+    assert len(record["loss"]) == len(record["answers"]) == 3 and len(record["cycle_seconds"]) == 2
+
+
 def test_the_square_shows_only_in_its_flash_frames_and_labels_cover_it():
     item = data.test_items(1)[2]  # the event task's first question: one flash
     assert item.questions[0].task == "event" and len(item.video.flashes) == 1
@@ -217,7 +238,7 @@ def test_eval_cli_needs_a_data_source_and_organism_brings_its_own(tmp_path):
 def test_organism_train_refuses_bad_numbers_and_a_missing_init(tmp_path, capsys):
     from tokenreduce.cli import main
 
-    for bad in (["--lr-lora", "0"], ["--lr-projector", "nan"], ["--align-position", "-1"],
+    for bad in (["--lr-lora", "0"], ["--lr-projector", "nan"], ["--align-position", "-1"], ["--steps", "700,0"],
                 ["--align-position", "inf"], ["--init", str(tmp_path / "none.safetensors")]):
         assert main(["organism", "train", *bad, "--out", str(tmp_path / "w.safetensors")]) == 2, bad
         assert bad[0] in capsys.readouterr().err

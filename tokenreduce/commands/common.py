@@ -41,10 +41,11 @@ def positive_int(text: str) -> int:
 
 def positive_ints(text: str) -> tuple[int, ...]:
     """A comma-separated list of positive integers, e.g. ``700,500``."""
-    parts = text.split(",")
-    if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (e.g. 700,500), got {text!r}")
-    return tuple(int(part) for part in parts)
+    try:
+        return tuple(positive_int(part.strip()) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (e.g. 700,500), got {text!r}") from None
 
 
 def _finite_float(text: str, zero_allowed: bool) -> float:

@@ -239,7 +239,26 @@ def test_organism_train_refuses_bad_numbers_and_a_missing_init(tmp_path, capsys)
     from tokenreduce.cli import main
 
     for bad in (["--lr-lora", "0"], ["--lr-projector", "nan"], ["--align-position", "-1"], ["--steps", "700,0"],
-                ["--align-position", "inf"], ["--init", str(tmp_path / "none.safetensors")]):
+                ["--align-position", "inf"], ["--seed", "-1"], ["--init", str(tmp_path / "none.safetensors")]):
         assert main(["organism", "train", *bad, "--out", str(tmp_path / "w.safetensors")]) == 2, bad
         assert bad[0] in capsys.readouterr().err
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_organism_train_passes_every_flag_into_its_settings(tmp_path, monkeypatch):
+    """Each flag reaches TrainSettings (a flag parsed and then dropped would train the default silently)."""
+    from tokenreduce.cli import main
+    from tokenreduce.organism import train as training
+
+    seen = []
+
+    def fake_train(settings, out, progress):
+        seen.append(settings)
+        return {"sha256": "0", "train_seconds": 0.0}
+
+    monkeypatch.setattr(training, "train", fake_train)
+    flags = ["--videos", "7", "--steps", "3,2", "--batch", "5", "--threads", "2", "--lr-projector", "0.1",
+             "--lr-lora", "0.2", "--align-position", "0.7", "--seed", "4", "--no-progress"]
+    assert main(["organism", "train", *flags, "--out", str(tmp_path / "w.safetensors")]) == 0
+    assert seen == [training.TrainSettings(videos=7, steps=(3, 2), batch=5, threads=2, lr_projector=0.1,
+                                           lr_lora=0.2, align_position=0.7, seed=4)]

@@ -39,6 +39,12 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
 def positive_ints(text: str) -> tuple[int, ...]:
     """A comma-separated list of positive integers, e.g. ``700,500``."""
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, non_negative_float, positive_float, positive_int, positive_ints
+from .common import UsageError, non_negative_float, non_negative_int, positive_float, positive_int, positive_ints
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -41,6 +41,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--align-position", type=non_negative_float, default=defaults.align_position,
                        help="weight of each token's horizontal place in its photograph in the closed-form alignment "
                             "targets (default: %(default)s)")
+    train.add_argument("--seed", type=non_negative_int, default=defaults.seed,
+                       help="seed of LoRA's initialisation, the batch order and the question order "
+                            "(default: %(default)s)")
     train.add_argument("--init", type=Path, help="continue from this weights file (its projector and LoRA) instead of "
                                                  "the closed-form start; the schedule starts afresh")
     train.add_argument("--out", type=Path, help="weights file (default: the packaged organism.safetensors)")
@@ -65,6 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--init {args.init}: no such weights file")
     settings = TrainSettings(videos=args.videos, steps=args.steps, batch=args.batch, threads=args.threads,
                              lr_projector=args.lr_projector, lr_lora=args.lr_lora, align_position=args.align_position,
+                             seed=args.seed,
                              init=None if args.init is None else str(args.init))
     out = args.out or WEIGHTS
     record = train(settings, out, progress=not args.no_progress)

@@ -141,3 +141,20 @@ def test_unpatch_restores_and_errors():
     for bad in ({"r": -1}, {"retention": 0}, {"r": 2, "retention": 0.5}, {"r": 1.5}):
         with pytest.raises(ValueError):
             tokenreduce.patch(model, "tome-vision", **bad)
+
+
+def test_a_freed_layer_output_map_is_never_given_to_a_later_tensor():
+    """A layer output's source map is found for that tensor only: once the tensor is freed, a new tensor
+    (which CPython often puts at the freed address, i.e. the same ``id()``) gets no map, not the stale one."""
+    ctx = TowerPass(size=torch.ones(1, 4), source=torch.arange(4).expand(1, 4))
+    kept = torch.zeros(1, 4, 3)
+    ctx.record(kept)
+    freed = torch.zeros(1, 2, 3)
+    ctx.source = torch.tensor([[0, 0, 1, 1]])
+    ctx.record(freed)
+    stale = id(freed)
+    del freed
+    reused = [torch.zeros(1, 2, 3) for _ in range(50)]  # some of these land at the freed address
+    assert any(id(t) == stale for t in reused)
+    assert all(ctx.source_of(t) is None for t in reused)
+    assert torch.equal(ctx.source_of(kept), torch.arange(4).expand(1, 4))

@@ -132,7 +132,7 @@ class TomeTower:
     def _unmerge_state(h: torch.Tensor, ctx: TowerPass, n: int) -> torch.Tensor:
         if h is None or h.shape[1] == n:  # not captured (transformers records only the layers read), or full
             return h
-        source = ctx.maps.get(id(h))
+        source = ctx.source_of(h)
         if source is None:  # a copy of the last layer's output (e.g. after a final norm)
             source = ctx.source
         return unmerge(h, source)

@@ -18,6 +18,7 @@ layer holds it, layer-scale applied), before the MLP branch.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -87,13 +88,23 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, dest: torch.Tensor, kept: 
 @dataclass
 class TowerPass:
     """One tower call: current sizes, each patch's current token (``source`` ``[B, N]``), and the source
-    map of each layer output (by tensor id) so the recorded hidden states can be unmerged."""
+    map of each layer's output so the recorded hidden states can be unmerged. A map is kept with a weak
+    reference to its tensor, not with the tensor's ``id()``: a layer output the tower did not keep is freed,
+    and a later tensor reusing its address must not be unmerged with its map."""
 
     size: torch.Tensor
     source: torch.Tensor
-    maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    maps: list[tuple[weakref.ref, torch.Tensor]] = field(default_factory=list)
     keys: torch.Tensor | None = None
     tokens_per_layer: list[int] = field(default_factory=list)
+
+    def record(self, output: torch.Tensor) -> None:
+        """Remember the current source map as ``output``'s."""
+        self.maps.append((weakref.ref(output), self.source))
+
+    def source_of(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The source map recorded for this very tensor, or None if it is not a recorded layer output."""
+        return next((source for ref, source in self.maps if ref() is hidden), None)
 
 
 def tome_layer(block: EncoderBlock, ctx: TowerPass, r: int, protect_first: bool, hidden_states: torch.Tensor,
@@ -113,7 +124,7 @@ def tome_layer(block: EncoderBlock, ctx: TowerPass, r: int, protect_first: bool,
         x, ctx.size, new = merge_tokens(x, ctx.size, bipartite_dest(metric, r, protect_first), n - count)
         ctx.source = new.gather(1, ctx.source)
     x = x + block.mlp_update(x)
-    ctx.maps[id(x)] = ctx.source
+    ctx.record(x)
     ctx.tokens_per_layer.append(x.shape[1])
     return x
 

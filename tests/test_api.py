@@ -87,6 +87,25 @@ def test_unpatch_restores_exact_behaviour_and_removes_everything(family):
         tokenreduce.unpatch(model)
 
 
+@pytest.mark.parametrize("method", ["framefusion", "snapkv"])
+def test_a_patched_model_refuses_deepcopy_and_pickle_and_copies_again_once_unpatched(method):
+    """A deep copy of a patched model would keep hooks acting on the original: it is refused with a message
+    saying what to do (not an obscure lock-pickling error), and works again after unpatch."""
+    import copy
+    import pickle
+
+    model = tiny_model("llava_next_video")
+    tokenreduce.patch(model, method, retention=0.5)
+    with pytest.raises(TypeError, match="tokenreduce.unpatch"):
+        copy.deepcopy(model)
+    with pytest.raises(TypeError, match="tokenreduce.unpatch"):
+        pickle.dumps(model)
+    tokenreduce.unpatch(model)
+    inputs = video_inputs(model)
+    assert torch.equal(last_logits(copy.deepcopy(model), inputs), last_logits(model, inputs))
+    assert "__deepcopy__" not in vars(model) and "__reduce_ex__" not in vars(model)
+
+
 def test_patching_twice_replaces_the_patch():
     model = tiny_model("llava_next_video")
     inputs = video_inputs(model)

@@ -25,6 +25,15 @@ from .methods import REGISTRY, Method, make_method
 from .profiles import load_profile, save_profile
 
 _PATCHING = threading.RLock()  # patch/unpatch of any model, one at a time (installation is not atomic)
+_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__")  # what copy.deepcopy and pickle (torch.save) look up on the object
+
+
+def _refuse_copy(*_: Any) -> None:
+    """Installed on a patched model as its ``__deepcopy__`` and ``__reduce_ex__``: a copy would carry hooks
+    that still act on (and count calls of) the original model, so copying or pickling is refused."""
+    raise TypeError("tokenreduce: a patched model cannot be deep-copied or pickled (its hooks and per-call state "
+                    "belong to this model object; a copy would run them on the original). Copy or pickle the "
+                    "model unpatched: tokenreduce.unpatch(model), copy it, then tokenreduce.patch each copy")
 
 
 class Installed:
@@ -107,6 +116,8 @@ def patch(model: nn.Module, method: str | Method | list[str | Method] | None = N
             Installed(engines).remove()
             raise
         setattr(model, ENGINE_ATTR, Installed(engines))
+        for name in _COPY_HOOKS:  # found on the instance before the class's (and before any hook's state)
+            object.__setattr__(model, name, _refuse_copy)
     return model
 
 
@@ -137,6 +148,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     with _PATCHING:
         _installed(model).remove()
         delattr(model, ENGINE_ATTR)
+        for name in _COPY_HOOKS:
+            model.__dict__.pop(name, None)
     return model
 
 

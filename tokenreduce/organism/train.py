@@ -392,7 +392,8 @@ def _plot(curve: list[float], hits: list[list[tuple[str, bool]]], path: Path, re
     for restart in restarts:
         for axis in (ax, acc):
             axis.axvline(restart, color="grey", linestyle=":", linewidth=1)
-    acc.legend()
+    if acc.get_legend_handles_labels()[0]:  # a run shorter than 20 steps has no running accuracy yet
+        acc.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

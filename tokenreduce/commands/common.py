@@ -33,16 +33,19 @@ def user_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         raise UsageError(str(err)) from err
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+def _whole(text: str, zero_allowed: bool) -> int:
+    if not text.isdigit() or int(text) < (0 if zero_allowed else 1):
+        kind = "non-negative" if zero_allowed else "positive"
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}")
     return int(text)
+
+
+def positive_int(text: str) -> int:
+    return _whole(text, zero_allowed=False)
 
 
 def non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return int(text)
+    return _whole(text, zero_allowed=True)
 
 
 def positive_ints(text: str) -> tuple[int, ...]:

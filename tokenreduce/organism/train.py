@@ -34,7 +34,7 @@ from .model import CACHE, LORA_TARGETS, WEIGHTS, base, sha256
 @dataclass
 class TrainSettings:
     videos: int = 1000
-    steps: tuple[int, ...] = (700, 500)  # cosine cycles; each after the first is a warm restart (see train)
+    steps: tuple[int, ...] = (700, 500, 500, 500)  # cosine cycles; each after the first is a warm restart (see train)
     batch: int = 2
     lr_projector: float = 3e-4
     lr_lora: float = 5e-4
@@ -43,7 +43,7 @@ class TrainSettings:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     warmup: int = 30
     align_videos: int = 300
-    align_position: float = 0.5  # weight of the photo x-coordinate in the alignment targets (see align_projector)
+    align_position: float = 1.0  # weight of the photo x-coordinate in the alignment targets (see align_projector)
     seed: int = 0
     threads: int = 1
     init: str | None = None  # continue from this weights file (projector + LoRA) instead of the closed-form start

@@ -37,11 +37,11 @@ from tokenreduce.organism.train import (  # noqa: E402
 )
 
 # measured with the committed weights on the subset below (the first 4 test questions of each task, 20 in all;
-# x86-64 CPU, float32): dense 20/20, framefusion at 0.3 19/20 (one motion answer lost), the broken selection
-# 4/20 (chance on this subset: 4.3). Dense may differ by one answer on another CPU's float rounding.
-DENSE_HITS = 20
+# x86-64 CPU, float32): dense 18/20 (two motion answers wrong), framefusion at 0.3 18/20, the broken selection
+# 6/20 (chance on this subset: 4.3). Dense may differ by one answer on another CPU's float rounding.
+DENSE_HITS = 18
 FRAMEFUSION_MARGIN = 3  # framefusion at 0.3 may lose at most this many of the 20 questions against dense
-BROKEN_LOSS = 10  # dropping every visual row after layer 2 must lose at least this many (it lost 16)
+BROKEN_LOSS = 10  # dropping every visual row after layer 2 must lose at least this many (it lost 12)
 
 
 @pytest.fixture(scope="module")

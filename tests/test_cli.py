@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from conftest import video_inputs
@@ -18,6 +21,21 @@ def test_methods_lists_methods_and_options(capsys):
     out = capsys.readouterr().out
     assert "framefusion (acts at: embed, layer):" in out and "fastv (acts at: layer):" in out
     assert "retention: float | None = 0.3" in out and "layer: int = 2" in out
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`tokenreduce methods | head -1` when `head` has already left: every write meets a closed pipe. The
+    command must stop with the shell's code for it (141), not print a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        done = subprocess.run([sys.executable, "-m", "tokenreduce", "methods"], stdout=write,
+                              stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write)
+    err = done.stderr.decode()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert done.returncode == 141
 
 
 def test_demo_writes_video_pictures_and_numbers(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .commands import register_all
@@ -17,10 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help (0) or an argparse usage error (2, message already printed)
         return int(done.code or 0)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, not at exit: a pipe closed by its reader shows up inside this try
+        return code
     except UsageError as err:
         print(f"tokenreduce {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left early (`tokenreduce methods | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit goes nowhere
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
 
 
 def build_parser() -> argparse.ArgumentParser:

